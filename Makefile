@@ -1,0 +1,44 @@
+# Two commands from a clean clone: `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fmrl-installed
+# CPU torch from this machine's local wheel folder when there is one; the constraint
+# lives here, not in pyproject.toml, so GPU users keep their CUDA build of torch.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+CONFIG ?= configs/digits_orw.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint redis assets clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --python $(PY) $(FIND_LINKS) -c constraints-cpu.txt -e '.[dev]'
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/fmrl train --config $(CONFIG)
+
+# redis-server for the tests that need one (the fixtures start it on a free port)
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi; }
+
+test: setup redis
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Remake the shipped weights (what is in the repository is what these make).
+assets: setup
+	$(VENV)/bin/fmrl train-classifier
+	$(VENV)/bin/fmrl pretrain-digits
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,82 @@
+"""The one flow-matching convention of the project (diffusers / SD3).
+
+    t ∈ [0, 1],  t = 1 is noise, t = 0 is data
+    x_t  = (1 − t)·x0 + t·ε            ε ~ N(0, I)
+    u    = ε − x0                       velocity target
+    x0̂   = x_t − t·v                    data prediction from a velocity v
+    Euler step t → s (s < t):  x_s = x_t + (s − t)·v
+
+Models see the time on SD3's 0–1000 scale (``timestep = 1000·t``). Sampling uses
+SD3's shifted sigma schedule, reproduced here exactly as
+``FlowMatchEulerDiscreteScheduler.set_timesteps`` builds it (a test pins the two
+together). Every other module imports these functions; none re-derives them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample time (B,) or scalar so it broadcasts over ``like`` (B, ...)."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        return t
+    return t.reshape(t.shape[0], *([1] * (like.ndim - 1)))
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 − t)·x0 + t·ε, with ``t`` of shape (B,) or a scalar."""
+    tb = _bcast(t, x0)
+    return (1.0 - tb) * x0 + tb * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """u = ε − x0, the conditional flow-matching target (independent of t)."""
+    return noise - x0
+
+
+def data_prediction(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x0̂ = x_t − t·v."""
+    return x_t - _bcast(t, x_t) * v
+
+
+def euler_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE from time t to time s < t."""
+    return x_t + (_bcast(s, x_t) - _bcast(t, x_t)) * v
+
+
+def to_model_timestep(t: torch.Tensor) -> torch.Tensor:
+    """Map t ∈ [0, 1] to the 0–1000 scale SD3 transformers are conditioned on."""
+    return t * NUM_TRAIN_TIMESTEPS
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift σ' = shift·σ / (1 + (shift − 1)·σ); shift = 1 is the identity."""
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def sampling_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The (num_steps + 1,) decreasing times of an SD3 Euler rollout, ending at 0.
+
+    Same numbers as ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)``:
+    the scheduler's smallest training sigma is shift(1/1000); the inference grid is a
+    linspace from 1 to that value which is then shifted again, and a final 0 is appended.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    sigma_min = shift_sigmas(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift)
+    grid = torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64)
+    # the scheduler builds its grid in float32 numpy; match its rounding
+    sig = shift_sigmas(grid.to(torch.float32), shift)
+    return torch.cat([sig, torch.zeros(1, dtype=torch.float32)])
+
+
+def sample_training_times(
+    batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Uniform t ∈ (0, 1) for flow-matching losses, kept off the exact end points."""
+    t = torch.rand(batch, generator=generator, device=device)
+    return t.clamp(1e-4, 1.0 - 1e-4)

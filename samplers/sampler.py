@@ -1,0 +1,86 @@
+"""A sampler: one policy copy that rolls out trajectories and applies published weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from samplers.policy import SD3Velocity, state_checksum
+from samplers.rollout import euler_rollout
+from samplers.text import PromptEmbeddings
+from samplers.trajectory import Trajectory
+
+
+class WeightsMismatch(ValueError):
+    """Published weights whose checksum does not match their bytes."""
+
+
+class Sampler:
+    """Rolls out ``velocity`` with the Euler ODE sampler.
+
+    encode: prompt strings → embeddings (the empty string is the unconditional prompt);
+    decode: final samples (B, C, H, W) → uint8 images (B, H', W', C') for rewards.
+    Noise is drawn per prompt from its own seed, so a batch does not depend on how its
+    prompts are divided among samplers.
+    """
+
+    def __init__(
+        self,
+        velocity: SD3Velocity,
+        encode: Callable[[list[str]], PromptEmbeddings],
+        decode: Callable[[torch.Tensor], np.ndarray],
+        latent_shape: tuple[int, ...],
+        *,
+        num_steps: int,
+        shift: float = 1.0,
+        cfg_scale: float = 1.0,
+        keep_states: bool = True,
+    ) -> None:
+        self.velocity = velocity.eval().requires_grad_(False)
+        self.encode = encode
+        self.decode = decode
+        self.latent_shape = tuple(latent_shape)
+        self.num_steps = num_steps
+        self.shift = shift
+        self.cfg_scale = cfg_scale
+        self.keep_states = keep_states
+        self.version = 0
+        self.checksum = state_checksum(self.velocity.state_dict())
+
+    def apply(self, version: int, state: dict[str, torch.Tensor], checksum: str) -> tuple[int, str]:
+        """Load published weights after checking their checksum; returns (version, checksum)."""
+        actual = state_checksum(state)
+        if actual != checksum:
+            raise WeightsMismatch(f"weights for version {version} fail their checksum "
+                                  f"({actual[:12]} != {checksum[:12]}); not applied")
+        self.velocity.load_state_dict(state)
+        self.version, self.checksum = int(version), checksum
+        return self.version, self.checksum
+
+    def rollout(
+        self, prompts: Sequence[str], samples_per_prompt: int, seeds: Sequence[int],
+        cfg_scale: float | None = None,
+    ) -> Trajectory:
+        """``samples_per_prompt`` rollouts of each prompt, noise for prompt i from seeds[i]."""
+        if not prompts:
+            raise ValueError("rollout needs at least one prompt")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        cfg = self.cfg_scale if cfg_scale is None else cfg_scale
+        noise = torch.cat([
+            torch.randn((samples_per_prompt, *self.latent_shape), generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds
+        ])
+        prompt_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+        cond = self.encode(list(prompts)).index(prompt_ids)
+        uncond = self.encode([""] * len(prompt_ids)) if cfg != 1.0 else None
+        states, times = euler_rollout(
+            self.velocity, noise, cond, num_steps=self.num_steps, shift=self.shift,
+            cfg_scale=cfg, uncond=uncond, keep_states=self.keep_states,
+        )
+        return Trajectory(
+            noise=noise, states=states, times=times, images=self.decode(states[:, -1]),
+            prompt_ids=prompt_ids, prompts=tuple(prompts), version=self.version, cfg_scale=cfg,
+        )

@@ -1,0 +1,1 @@
+"""Config tree, Ray actors, weight sync, the driver loop, reports and the command line."""

@@ -1,0 +1,161 @@
+"""The ``fmrl`` command: train, sample, pretrain-digits, train-classifier, config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + traceback
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _config_name(path: str | None) -> str:
+    return Path(path).stem if path else "digits_orw"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.config import load_config
+    from services.driver import train
+
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"run.name={args.name}")
+    cfg = load_config(args.config, overrides)
+    train(cfg, _config_name(args.config))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from services.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A policy file, a checkpoint directory, or a run directory → the policy safetensors."""
+    for cand in (path, path / "policy.safetensors", path / "checkpoint" / "policy.safetensors"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no policy checkpoint at {path} (looked for the file, "
+                            "policy.safetensors and checkpoint/policy.safetensors)")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from samplers import digits
+    from samplers.policy import load_velocity
+    from samplers.sampler import Sampler
+    from samplers.text import PromptEncoder
+
+    prompts = [p for p in args.prompt]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("give at least one non-blank --prompt")
+    if args.n < 1:
+        raise ValueError(f"-n must be at least 1, got {args.n}")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must name a .npz file, got {out}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    velocity = load_velocity(resolve_checkpoint(Path(args.checkpoint)))
+    encoder = PromptEncoder()
+    sampler = Sampler(velocity, encoder.encode, digits.to_uint8, digits.IMAGE_SHAPE,
+                      num_steps=args.steps, shift=args.shift, cfg_scale=args.cfg_scale, keep_states=False)
+    seeds = [int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0]) for i in range(len(prompts))]
+    traj = sampler.rollout(prompts, args.n, seeds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=traj.images, prompts=np.array(traj.prompt_list()))
+    print(f"wrote {traj.images.shape[0]} images {traj.images.shape[1:]} uint8 to {out}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from services.pretrain import pretrain_digits
+
+    pretrain_digits(Path(args.out), steps=args.steps, seed=args.seed)
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from reward_workers.digits import HeldoutSVM, load_split, save_classifier, train_classifier
+
+    split = load_split()
+    model, acc = train_classifier(split, epochs=args.epochs, seed=args.seed)
+    save_classifier(model, Path(args.out))
+    svm = HeldoutSVM(split)
+    print(f"reward CNN held-out accuracy {acc:.4f} ({len(split.heldout_labels)} images); wrote {args.out}")
+    print(f"evaluation SVM held-out accuracy {svm.heldout_accuracy:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reward_workers.digits import CLASSIFIER_FILE
+    from samplers.digits import POLICY_FILE
+
+    p = _Parser(prog="fmrl", description="Online RL fine-tuning of flow-matching text-to-image models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="run a training job (default: the embedded digits world)")
+    t.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. algorithm.tau=5")
+    t.add_argument("--name", help="run name (directory under run.out_dir)")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the resolved config")
+    c.add_argument("--config")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint into an .npz file")
+    s.add_argument("--checkpoint", required=True, help="policy .safetensors, checkpoint dir or run dir")
+    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    s.add_argument("-n", type=int, default=64, help="samples per prompt")
+    s.add_argument("--out", required=True, help="output .npz (arrays images, prompts)")
+    s.add_argument("--steps", type=int, default=10, help="Euler steps")
+    s.add_argument("--shift", type=float, default=1.0, help="SD3 time shift")
+    s.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+
+    pt = sub.add_parser("pretrain-digits", help="pretrain the digits policy by flow matching")
+    pt.add_argument("--out", default=str(POLICY_FILE))
+    pt.add_argument("--steps", type=int, default=4000)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.set_defaults(func=cmd_pretrain)
+
+    tc = sub.add_parser("train-classifier", help="train the digits reward classifier")
+    tc.add_argument("--out", default=str(CLASSIFIER_FILE))
+    tc.add_argument("--epochs", type=int, default=60)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=cmd_train_classifier)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fmrl: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        if os.environ.get("FMRL_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"fmrl: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

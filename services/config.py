@@ -1,0 +1,220 @@
+"""One pydantic config tree for a training job, loaded from YAML with ``--set`` overrides.
+
+Every field is described; unknown keys and bad values are rejected with a message
+that names them. Experiment files hold choices, never hardware arithmetic: how
+samplers are placed follows from ``resources``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from learner.learner import LearnerSettings
+
+_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RunConfig(_Strict):
+    name: str | None = Field(None, description="Run directory name under out_dir; default: <config name>-<UTC time>.")
+    out_dir: Path = Field(Path("runs"), description="Where run directories are created.")
+    iterations: int = Field(120, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
+    seed: int = Field(0, ge=0, description="Seeds rollout noise, learner draws and evaluation noise.")
+    progress: bool = Field(True, description="Show a progress bar (iteration, reward, time left).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory)")
+        return v
+
+
+class PolicyConfig(_Strict):
+    kind: Literal["digits"] = Field("digits", description="The policy family: the embedded digits world.")
+    checkpoint: Path | None = Field(None, description="Policy safetensors to start from; default: the shipped digits model.")
+    num_steps: int = Field(10, ge=1, le=1000, description="Euler steps per rollout.")
+    shift: float = Field(1.0, gt=0, description="SD3 time shift of the sampling schedule (SD3 uses 3.0).")
+    cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance scale of training rollouts (1 = CFG-free).")
+
+
+class RolloutConfig(_Strict):
+    prompts: list[str] = Field(
+        default_factory=lambda: [f"a handwritten {w}" for w in _DIGITS],
+        description="Prompts cycled through by the driver.",
+    )
+    prompts_per_iteration: int | None = Field(
+        None, ge=1, description="Distinct prompts in one rollout batch, cycling through the list; default: all of them.")
+    samples_per_prompt: int = Field(16, ge=1, description="Rollouts of each prompt per iteration (the group size).")
+    keep_states: bool = Field(True, description="Record intermediate states in trajectories (objectives on x_t need them).")
+
+    @field_validator("prompts")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("the prompt list is empty; give at least one prompt")
+        blank = [i for i, p in enumerate(v) if not p.strip()]
+        if blank:
+            raise ValueError(f"prompt(s) at index {blank} are blank")
+        return v
+
+    @property
+    def batch_prompts(self) -> int:
+        """The number of distinct prompts per rollout batch."""
+        return self.prompts_per_iteration or len(self.prompts)
+
+    @model_validator(mode="after")
+    def _fits(self) -> RolloutConfig:
+        if self.prompts_per_iteration is not None and self.prompts_per_iteration > len(self.prompts):
+            raise ValueError(f"prompts_per_iteration={self.prompts_per_iteration} exceeds the "
+                             f"{len(self.prompts)} prompts given")
+        return self
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["orw_cfm_w2"] = Field("orw_cfm_w2", description="The objective (see docs/algorithms.md).")
+    tau: float = Field(10.0, ge=0, description="ORW inverse temperature: w = exp(τ·r).")
+    alpha: float = Field(1.0, ge=0, description="Weight of the W2 regulariser α·‖v_θ − v_ref‖².")
+    normalize_weights: bool = Field(True, description="Divide w by its batch mean (an option; the released code does not).")
+    coupling: Literal["independent", "minibatch_ot"] = Field("independent", description="Noise–sample coupling of the FM term.")
+
+
+class LearnerConfig(_Strict):
+    lr: float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
+    micro_batch_size: int = Field(80, ge=1, description="Rows per forward/backward; gradients accumulate over the batch.")
+    updates_per_batch: int = Field(1, ge=1, description="Optimiser steps on each rollout batch.")
+    rollout_refresh_every: int = Field(1, ge=1, description="H: π_old ← π_θ (and a new published version) every H steps.")
+
+
+class RewardConfig(_Strict):
+    name: Literal["digits_classifier"] = Field("digits_classifier", description="The reward model.")
+
+
+class ResourcesConfig(_Strict):
+    num_samplers: int = Field(2, ge=1, description="Sampler actors.")
+    sampler_cpus: float = Field(0.5, gt=0, description="CPUs declared by each sampler actor.")
+    sampler_gpus: float = Field(0.0, ge=0, description="GPUs declared by each sampler (inference GPUs on a cluster).")
+    learner_cpus: float = Field(0.5, gt=0, description="CPUs declared by the learner actor.")
+    learner_gpus: float = Field(0.0, ge=0, description="GPUs declared by the learner (training GPUs on a cluster).")
+    reward_cpus: float = Field(0.25, gt=0, description="CPUs declared by each reward actor.")
+    reward_gpus: float = Field(0.0, ge=0, description="GPUs declared by each reward actor.")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray cluster (default: all).")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor.")
+
+
+class EvalConfig(_Strict):
+    samples_per_prompt: int = Field(32, ge=2, description="Evaluation samples per prompt (before and after).")
+    seed: int = Field(12345, ge=0, description="Seed of the fixed evaluation noise.")
+    grid_columns: int = Field(8, ge=1, le=32, description="Samples per prompt shown in the before/after grid.")
+
+
+class TrainConfig(_Strict):
+    """The whole job."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _split(self) -> TrainConfig:
+        if self.reward.name == "digits_classifier":
+            from reward_workers.digits import prompt_digit
+
+            for p in self.rollout.prompts:
+                prompt_digit(p)  # raises, naming the prompt, when it names no single digit
+        if self.resources.num_samplers > self.rollout.batch_prompts:
+            raise ValueError(f"resources.num_samplers={self.resources.num_samplers} exceeds the "
+                             f"{self.rollout.batch_prompts} prompts of a rollout batch: a sampler would have no prompt")
+        return self
+
+    def learner_settings(self) -> LearnerSettings:
+        a, ln = self.algorithm, self.learner
+        return LearnerSettings(
+            objective=a.name, tau=a.tau, alpha=a.alpha, normalize_weights=a.normalize_weights,
+            coupling=a.coupling, lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
+            warmup_steps=ln.warmup_steps, micro_batch_size=ln.micro_batch_size,
+            updates_per_batch=ln.updates_per_batch, rollout_refresh_every=ln.rollout_refresh_every,
+            seed=self.run.seed,
+        )
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})" if "input" in e and not isinstance(e["input"], dict) else f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'learner.lr=1e-4' → ('learner.lr', 0.0001); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from exc
+    return key.strip(), value
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides or []:
+        _set_path(tree, *parse_override(item))
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,188 @@
+"""The driver loop: wire the actors, move references, publish weights, write the run.
+
+One iteration (synchronous, on-policy up to the learner's refresh interval H):
+
+    samplers ── rollout(prompts, seeds) ──► trajectory refs
+    reward   ── score(*refs) ─────────────► scores ref
+    learner  ── update(scores, *refs) ────► statistics (and maybe a new version)
+    learner  ── publish() ─► weights ref ─► every sampler applies it, reports its version
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from reward_workers.digits import HeldoutSVM, prompt_digit
+from services.actors import start_actors
+from services.config import TrainConfig, dump_config
+from services.evaluation import Evaluation, mean_pairwise_distance
+from services.report import reward_curve, sample_grid, summary_table
+from services.world import policy_checkpoint
+
+log = logging.getLogger("fmrl")
+
+
+class VersionMismatch(RuntimeError):
+    """A sampler reports a policy version other than the one the learner published."""
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed derived from integers (run seed, iteration, prompt index, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
+    """Cut ``items`` into ``parts`` contiguous chunks whose sizes differ by at most one."""
+    q, r = divmod(len(items), parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + q + (1 if i < r else 0)
+        out.append(items[lo:hi])
+        lo = hi
+    return out
+
+
+def ensure_ray(cfg: TrainConfig) -> bool:
+    """Join the cluster at RAY_ADDRESS if set, else start an embedded one. True if started here."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, logging_level=logging.WARNING)
+        return False
+    ray.init(num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, runtime_env=env,
+             logging_level=logging.WARNING, configure_logging=True)
+    return True
+
+
+@dataclass
+class Stages:
+    samplers: list[Any]
+    reward: Any
+    learner: Any
+
+    def rollout(self, prompts: list[str], samples_per_prompt: int, seeds: list[int],
+                cfg_scale: float | None = None) -> list[Any]:
+        """Trajectory refs, the prompts divided among samplers (the order is kept)."""
+        pairs = list(zip(prompts, seeds, strict=True))
+        return [
+            s.rollout.remote([p for p, _ in chunk], samples_per_prompt, [z for _, z in chunk], cfg_scale)
+            for s, chunk in zip(self.samplers, split_evenly(pairs, len(self.samplers)), strict=True)
+            if chunk
+        ]
+
+    def sync(self, current: bool = False) -> int:
+        """Publish the learner's weights to every sampler and check what each applied."""
+        payload = self.learner.publish.remote(current)
+        applied = ray.get([s.apply_weights.remote(payload) for s in self.samplers])
+        want = ray.get(payload)
+        for i, (version, checksum) in enumerate(applied):
+            if version != want.version or checksum != want.checksum:
+                raise VersionMismatch(f"sampler {i} applied version {version} ({checksum[:12]}), "
+                                      f"learner published {want.version} ({want.checksum[:12]})")
+        return want.version
+
+
+def evaluate(stages: Stages, cfg: TrainConfig, version: int, svm: HeldoutSVM) -> Evaluation:
+    """CFG-free samples of every prompt from fixed noise, scored by the reward and the SVM."""
+    prompts = list(dict.fromkeys(cfg.rollout.prompts))
+    n = cfg.eval.samples_per_prompt
+    seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
+    refs = stages.rollout(prompts, n, seeds, cfg_scale=1.0)
+    scored = ray.get(stages.reward.score.remote(*refs))
+    images = np.concatenate([t.images for t in ray.get(refs)]).reshape(len(prompts), n, *ray.get(refs[0]).images.shape[1:])
+    target = np.repeat([prompt_digit(p) for p in prompts], n)
+    correct = svm.predict(images.reshape(-1, *images.shape[2:])) == target
+    per_reward = scored["scores"].reshape(len(prompts), n).mean(1)
+    per_div = [mean_pairwise_distance(images[i]) for i in range(len(prompts))]
+    return Evaluation(
+        version=version, prompts=tuple(prompts), images=images,
+        reward=float(scored["scores"].mean()), accuracy=float(correct.mean()),
+        diversity=float(np.mean(per_div)),
+        per_prompt_reward=tuple(float(x) for x in per_reward),
+        per_prompt_diversity=tuple(float(x) for x in per_div),
+    )
+
+
+def make_run_dir(cfg: TrainConfig, config_name: str) -> Path:
+    name = cfg.run.name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = cfg.run.out_dir / name
+    if run_dir.exists():
+        raise FileExistsError(f"run directory {run_dir} already exists; choose another run.name")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
+    """Run the job the config describes; returns the summary (also written to the run)."""
+    from tqdm import tqdm
+
+    policy_checkpoint(cfg.policy)  # fail before any directory or cluster exists
+    run_dir = make_run_dir(cfg, config_name)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    started_ray = ensure_ray(cfg)
+    t0 = time.time()
+    try:
+        stages = Stages(*start_actors(cfg))
+        svm = HeldoutSVM()
+        before = evaluate(stages, cfg, 0, svm)
+        metrics_path = run_dir / "metrics.jsonl"
+        prompts, per_it = cfg.rollout.prompts, cfg.rollout.batch_prompts
+        version = 0
+        with metrics_path.open("w") as mf, tqdm(total=cfg.run.iterations, disable=not cfg.run.progress,
+                                                desc="train", unit="it", dynamic_ncols=True) as bar:
+            mf.write(json.dumps({"kind": "eval", "when": "before", "version": 0, "reward": before.reward,
+                                 "accuracy": before.accuracy, "diversity": before.diversity}) + "\n")
+            for it in range(cfg.run.iterations):
+                idx = [(it * per_it + k) % len(prompts) for k in range(per_it)]
+                batch_prompts = [prompts[i] for i in idx]
+                seeds = [seed_for(cfg.run.seed, it, k) for k in range(per_it)]
+                refs = stages.rollout(batch_prompts, cfg.rollout.samples_per_prompt, seeds)
+                scored = stages.reward.score.remote(*refs)
+                stats = ray.get(stages.learner.update.remote(scored, *refs))
+                if stats["rollout_version"] != version:
+                    raise VersionMismatch(f"iteration {it} trained on version {stats['rollout_version']}, "
+                                          f"samplers were at {version}")
+                if stats["version"] != version:
+                    version = stages.sync()
+                row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
+                       "sampler_version": version, **stats}
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", v=version)
+                bar.update(1)
+        final_step = stages.sync(current=True)
+        after = evaluate(stages, cfg, final_step, svm)
+        ckpt = ray.get(stages.learner.save.remote(str((run_dir / "checkpoint").resolve())))
+        with metrics_path.open("a") as mf:
+            mf.write(json.dumps({"kind": "eval", "when": "after", "version": final_step, "reward": after.reward,
+                                 "accuracy": after.accuracy, "diversity": after.diversity}) + "\n")
+        sample_grid(before, after, run_dir / "samples_before_after.png", cfg.eval.grid_columns)
+        reward_curve(metrics_path, run_dir / "reward_curve.png", before, after)
+        table = summary_table(before, after)
+        summary = {
+            "run_dir": str(run_dir), "checkpoint": ckpt, "seconds": round(time.time() - t0, 1),
+            "before": {"reward": before.reward, "accuracy": before.accuracy, "diversity": before.diversity},
+            "after": {"reward": after.reward, "accuracy": after.accuracy, "diversity": after.diversity},
+            "target_reward": before.reward + (1 - before.reward) / 2,
+            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "summary.txt").write_text(table + "\n")
+        print(table)
+        print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()

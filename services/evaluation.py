@@ -1,0 +1,39 @@
+"""Evaluation of a policy version: reward, held-out classifier accuracy, diversity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """CFG-free samples of one policy version and what they score.
+
+    images: (P, n, H, W, C) uint8, n samples of each of P prompts.
+    reward: mean reward over all samples; accuracy: fraction the held-out classifier
+    reads as the prompted digit; diversity: mean over prompts of the mean pairwise
+    Euclidean distance between samples of that prompt (pixels in [0, 1]).
+    """
+
+    version: int
+    prompts: tuple[str, ...]
+    images: np.ndarray
+    reward: float
+    accuracy: float
+    diversity: float
+    per_prompt_reward: tuple[float, ...]
+    per_prompt_diversity: tuple[float, ...]
+
+
+def mean_pairwise_distance(images: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of n images (n, ...) with pixels scaled to [0, 1]."""
+    x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    n = len(x)
+    if n < 2:
+        raise ValueError("diversity needs at least two samples")
+    sq = (x * x).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+    iu = np.triu_indices(n, k=1)
+    return float(np.sqrt(d2[iu]).mean())

@@ -1,0 +1,88 @@
+"""What a run leaves for people: the before/after grid, the reward curve, the summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from services.evaluation import Evaluation  # noqa: E402
+
+
+def _mosaic(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
+    """(P, n, H, W, C) uint8 → one (P·(H+pad), columns·(W+pad)) gray image, rows = prompts."""
+    p, _, h, w, _ = images.shape
+    out = np.full((p * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=np.uint8)
+    for i in range(p):
+        for j in range(columns):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y:y + h, x:x + w] = images[i, j].mean(-1).astype(np.uint8)
+    return out
+
+
+def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int = 8) -> Path:
+    """Side-by-side grids, one labelled row per prompt: before (left) and after (right)."""
+    columns = min(columns, before.images.shape[1])
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 2 * 0.42 * columns, 0.5 + 0.42 * len(before.prompts)))
+    for ax, ev, title in ((axes[0], before, "before"), (axes[1], after, "after")):
+        m = _mosaic(ev.images, columns)
+        ax.imshow(m, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        h = ev.images.shape[2] + 1
+        ax.set_yticks([1 + h * i + (h - 1) / 2 for i in range(len(ev.prompts))])
+        ax.set_yticklabels(ev.prompts if ax is axes[0] else [""] * len(ev.prompts), fontsize=8)
+        ax.set_xticks([])
+        ax.set_title(f"{title} (v{ev.version}) reward {ev.reward:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reward_curve(metrics_path: Path, path: Path, before: Evaluation | None = None,
+                 after: Evaluation | None = None) -> Path:
+    """Training reward per iteration (and a moving average), with the evaluations marked."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("kind") == "train"]
+    it = np.array([r["iteration"] for r in rows])
+    rew = np.array([r["reward_mean"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(it, rew, color="tab:blue", alpha=0.35, lw=1, label="batch mean reward")
+    if len(rew) >= 5:
+        k = max(3, len(rew) // 20)
+        smooth = np.convolve(rew, np.ones(k) / k, mode="valid")
+        ax.plot(it[k - 1:], smooth, color="tab:blue", lw=2, label=f"moving average ({k})")
+    for ev, style, name in ((before, ":", "eval before"), (after, "--", "eval after")):
+        if ev is not None:
+            ax.axhline(ev.reward, color="tab:red", ls=style, lw=1.2, label=f"{name} {ev.reward:.3f}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward (prob. of prompted digit)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_table(before: Evaluation, after: Evaluation) -> str:
+    """The closing table: overall and per-prompt figures, before → after."""
+    lines = [
+        f"{'':28s} {'before':>8s}    {'after':>8s}",
+        f"{'reward (CFG-free)':28s} {before.reward:8.3f} -> {after.reward:8.3f}",
+        f"{'held-out classifier acc.':28s} {before.accuracy:8.3f} -> {after.accuracy:8.3f}",
+        f"{'diversity (mean pairwise)':28s} {before.diversity:8.3f} -> {after.diversity:8.3f}",
+        "",
+        f"{'prompt':28s} {'reward':>19s}   {'diversity':>19s}",
+    ]
+    for i, p in enumerate(before.prompts):
+        lines.append(
+            f"{p[:28]:28s} {before.per_prompt_reward[i]:8.3f} -> {after.per_prompt_reward[i]:6.3f}"
+            f"   {before.per_prompt_diversity[i]:8.3f} -> {after.per_prompt_diversity[i]:6.3f}"
+        )
+    return "\n".join(lines)

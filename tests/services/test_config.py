@@ -1,0 +1,52 @@
+"""Config loading: YAML + overrides, and rejection messages that name the problem."""
+
+import pytest
+
+from services.config import ConfigError, load_config, parse_override
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("algorithm:\n  tau: 3.0\nrun:\n  iterations: 7\n")
+    cfg = load_config(f, ["algorithm.tau=4", "learner.lr=1e-3", "rollout.prompts=[a handwritten one, the digit 2]",
+                          "rollout.prompts_per_iteration=2"])
+    assert cfg.algorithm.tau == 4.0 and cfg.run.iterations == 7 and cfg.learner.lr == 1e-3
+    assert cfg.rollout.prompts == ["a handwritten one", "the digit 2"]
+    s = cfg.learner_settings()
+    assert (s.tau, s.alpha, s.lr, s.seed) == (4.0, 1.0, 1e-3, 0)
+
+
+def test_shipped_config_loads():
+    cfg = load_config("configs/digits_orw.yaml")
+    assert cfg.algorithm.name == "orw_cfm_w2" and len(cfg.rollout.prompts) == 10
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algorithm.taux=1", "unknown key 'algorithm.taux'"),
+    ("bogus.x=1", "unknown key 'bogus'"),
+    ("learner.lr=-1", "learner.lr: Input should be greater than 0"),
+    ("algorithm.alpha=-0.5", "algorithm.alpha: Input should be greater than or equal to 0"),
+    ("algorithm.name=ppo", "algorithm.name: Input should be 'orw_cfm_w2'"),
+    ("rollout.prompts=[]", "rollout.prompts: the prompt list is empty"),
+    ("rollout.samples_per_prompt=many", "rollout.samples_per_prompt: Input should be a valid integer"),
+    ("run.name=../escape", "run.name: must be letters"),
+    ("rollout.prompts=[a handwritten cat]", "must name exactly one digit"),
+    ("resources.num_samplers=11", "exceeds the 10 prompts of a rollout batch"),
+    ("rollout.prompts_per_iteration=11", "prompts_per_iteration=11 exceeds the 10 prompts given"),
+    ("learner.lr", "--set expects key=value"),
+])
+def test_rejections_name_the_problem(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
