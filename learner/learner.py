@@ -33,12 +33,16 @@ ObjectiveName = Literal["orw_cfm_w2"]
 
 @dataclass(frozen=True)
 class LearnerSettings:
-    """Optimisation and objective settings (the services config maps onto these)."""
+    """Optimisation and objective settings (the services config maps onto these).
+
+    The defaults are the ORW-CFM-W2 released code's (τ = 0.5, α = 1, raw weights); the
+    digits world's config chooses its own (docs/algorithms.md says why).
+    """
 
     objective: ObjectiveName = "orw_cfm_w2"
-    tau: float = 10.0
+    tau: float = 0.5
     alpha: float = 1.0
-    normalize_weights: bool = True
+    normalize_weights: bool = False
     coupling: Coupling = "independent"
     lr: float = 2e-4
     weight_decay: float = 0.0

@@ -23,7 +23,7 @@ class PretrainSettings:
     warmup_steps: int = 200
     weight_decay: float = 0.0
     prompt_dropout: float = 0.1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     grad_clip: float = 1.0
     seed: int = 0
 

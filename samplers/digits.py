@@ -23,17 +23,17 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 POLICY_FILE = ASSETS / "digits_policy.safetensors"
 IMAGE_SHAPE = (1, 8, 8)
 
-#: The shipped model: 16 patches of 2×2 pixels, 4 joint-attention blocks of width 128.
+#: The shipped model: 16 patches of 2×2 pixels, 4 joint-attention blocks of width 64 (0.63 M parameters).
 DIGITS_TRANSFORMER_CONFIG: dict[str, object] = {
     "sample_size": 8,
     "patch_size": 2,
     "in_channels": 1,
     "out_channels": 1,
     "num_layers": 4,
-    "attention_head_dim": 32,
+    "attention_head_dim": 16,
     "num_attention_heads": 4,
     "joint_attention_dim": 384,
-    "caption_projection_dim": 128,
+    "caption_projection_dim": 64,
     "pooled_projection_dim": 384,
     "pos_embed_max_size": 4,
 }

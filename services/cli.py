@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain-digits", help="pretrain the digits policy by flow matching")
     pt.add_argument("--out", default=str(POLICY_FILE))
-    pt.add_argument("--steps", type=int, default=4000)
+    pt.add_argument("--steps", type=int, default=800,
+                    help="optimiser steps; the shipped model is deliberately short-trained (see README)")
     pt.add_argument("--seed", type=int, default=0)
     pt.set_defaults(func=cmd_pretrain)
 

@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 class RunConfig(_Strict):
     name: str | None = Field(None, description="Run directory name under out_dir; default: <config name>-<UTC time>.")
     out_dir: Path = Field(Path("runs"), description="Where run directories are created.")
-    iterations: int = Field(120, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
+    iterations: int = Field(200, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
     seed: int = Field(0, ge=0, description="Seeds rollout noise, learner draws and evaluation noise.")
     progress: bool = Field(True, description="Show a progress bar (iteration, reward, time left).")
 
@@ -85,8 +85,8 @@ class RolloutConfig(_Strict):
 
 class AlgorithmConfig(_Strict):
     name: Literal["orw_cfm_w2"] = Field("orw_cfm_w2", description="The objective (see docs/algorithms.md).")
-    tau: float = Field(10.0, ge=0, description="ORW inverse temperature: w = exp(τ·r).")
-    alpha: float = Field(1.0, ge=0, description="Weight of the W2 regulariser α·‖v_θ − v_ref‖².")
+    tau: float = Field(20.0, ge=0, description="ORW inverse temperature: w = exp(τ·r) (released code: 0.5; see docs/algorithms.md).")
+    alpha: float = Field(0.5, ge=0, description="Weight of the W2 regulariser α·‖v_θ − v_ref‖² (released code: 1).")
     normalize_weights: bool = Field(True, description="Divide w by its batch mean (an option; the released code does not).")
     coupling: Literal["independent", "minibatch_ot"] = Field("independent", description="Noise–sample coupling of the FM term.")
 

@@ -82,8 +82,9 @@ class Stages:
             if chunk
         ]
 
-    def sync(self, current: bool = False) -> int:
-        """Publish the learner's weights to every sampler and check what each applied."""
+    def sync(self, current: bool = False) -> list[int]:
+        """Publish the learner's weights to every sampler; returns the version each applied,
+        after checking it (and its checksum) against what the learner published."""
         payload = self.learner.publish.remote(current)
         applied = ray.get([s.apply_weights.remote(payload) for s in self.samplers])
         want = ray.get(payload)
@@ -91,7 +92,7 @@ class Stages:
             if version != want.version or checksum != want.checksum:
                 raise VersionMismatch(f"sampler {i} applied version {version} ({checksum[:12]}), "
                                       f"learner published {want.version} ({want.checksum[:12]})")
-        return want.version
+        return [v for v, _ in applied]
 
 
 def evaluate(stages: Stages, cfg: TrainConfig, version: int, svm: HeldoutSVM) -> Evaluation:
@@ -139,7 +140,7 @@ def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
         before = evaluate(stages, cfg, 0, svm)
         metrics_path = run_dir / "metrics.jsonl"
         prompts, per_it = cfg.rollout.prompts, cfg.rollout.batch_prompts
-        version = 0
+        version, applied = 0, [0] * len(stages.samplers)
         with metrics_path.open("w") as mf, tqdm(total=cfg.run.iterations, disable=not cfg.run.progress,
                                                 desc="train", unit="it", dynamic_ncols=True) as bar:
             mf.write(json.dumps({"kind": "eval", "when": "before", "version": 0, "reward": before.reward,
@@ -155,14 +156,15 @@ def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
                     raise VersionMismatch(f"iteration {it} trained on version {stats['rollout_version']}, "
                                           f"samplers were at {version}")
                 if stats["version"] != version:
-                    version = stages.sync()
+                    applied = stages.sync()
+                    version = applied[0]
                 row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
-                       "sampler_version": version, **stats}
+                       "sampler_versions": applied, **stats}
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", v=version)
                 bar.update(1)
-        final_step = stages.sync(current=True)
+        final_step = stages.sync(current=True)[0]
         after = evaluate(stages, cfg, final_step, svm)
         ckpt = ray.get(stages.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         with metrics_path.open("a") as mf:

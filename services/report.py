@@ -14,14 +14,17 @@ import numpy as np  # noqa: E402
 from services.evaluation import Evaluation  # noqa: E402
 
 
-def _mosaic(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
-    """(P, n, H, W, C) uint8 → one (P·(H+pad), columns·(W+pad)) gray image, rows = prompts."""
+def _mosaic(images: np.ndarray, columns: int, scale: int = 6, pad: int = 3) -> np.ndarray:
+    """(P, n, H, W, C) uint8 → one gray image, a row per prompt, pixels upscaled ``scale``×
+    (no interpolation blur) and separated by light-gray gutters."""
     p, _, h, w, _ = images.shape
-    out = np.full((p * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=np.uint8)
+    hs, ws = h * scale, w * scale
+    out = np.full((p * (hs + pad) + pad, columns * (ws + pad) + pad), 60, dtype=np.uint8)
     for i in range(p):
         for j in range(columns):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y:y + h, x:x + w] = images[i, j].mean(-1).astype(np.uint8)
+            y, x = pad + i * (hs + pad), pad + j * (ws + pad)
+            cell = images[i, j].mean(-1).astype(np.uint8)
+            out[y:y + hs, x:x + ws] = np.kron(cell, np.ones((scale, scale), dtype=np.uint8))
     return out
 
 
@@ -32,8 +35,8 @@ def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int 
     for ax, ev, title in ((axes[0], before, "before"), (axes[1], after, "after")):
         m = _mosaic(ev.images, columns)
         ax.imshow(m, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        h = ev.images.shape[2] + 1
-        ax.set_yticks([1 + h * i + (h - 1) / 2 for i in range(len(ev.prompts))])
+        h = ev.images.shape[2] * 6 + 3
+        ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
         ax.set_yticklabels(ev.prompts if ax is axes[0] else [""] * len(ev.prompts), fontsize=8)
         ax.set_xticks([])
         ax.set_title(f"{title} (v{ev.version}) reward {ev.reward:.3f}", fontsize=9)

@@ -13,7 +13,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.algorithm.tau == 4.0 and cfg.run.iterations == 7 and cfg.learner.lr == 1e-3
     assert cfg.rollout.prompts == ["a handwritten one", "the digit 2"]
     s = cfg.learner_settings()
-    assert (s.tau, s.alpha, s.lr, s.seed) == (4.0, 1.0, 1e-3, 0)
+    assert (s.tau, s.alpha, s.lr, s.seed) == (4.0, 0.5, 1e-3, 0)
 
 
 def test_shipped_config_loads():
