@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
             mf.write(json.dumps({"kind": "eval", "when": "after", "version": final_step, "reward": after.reward,
                                  "accuracy": after.accuracy, "diversity": after.diversity}) + "\n")
         sample_grid(before, after, run_dir / "samples_before_after.png", cfg.eval.grid_columns)
-        reward_curve(metrics_path, run_dir / "reward_curve.png", before, after)
+        reward_curve(metrics_path, run_dir / "reward_curve.png")
         table = summary_table(before, after)
         summary = {
             "run_dir": str(run_dir), "checkpoint": ckpt, "seconds": round(time.time() - t0, 1),

@@ -46,25 +46,30 @@ def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int 
     return path
 
 
-def reward_curve(metrics_path: Path, path: Path, before: Evaluation | None = None,
-                 after: Evaluation | None = None) -> Path:
-    """Training reward per iteration (and a moving average), with the evaluations marked."""
+def reward_curve(metrics_path: Path, path: Path) -> Path:
+    """Training reward per iteration (and a moving average), the before/after evaluations
+    and the issue's target p + (1 − p)/2 above the base reward p, all read from metrics.jsonl."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("kind") == "train"]
-    it = np.array([r["iteration"] for r in rows])
-    rew = np.array([r["reward_mean"] for r in rows])
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = {r["when"]: r["reward"] for r in rows if r.get("kind") == "eval"}
+    it = np.array([r["iteration"] for r in train])
+    rew = np.array([r["reward_mean"] for r in train])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(it, rew, color="tab:blue", alpha=0.35, lw=1, label="batch mean reward")
     if len(rew) >= 5:
         k = max(3, len(rew) // 20)
         smooth = np.convolve(rew, np.ones(k) / k, mode="valid")
         ax.plot(it[k - 1:], smooth, color="tab:blue", lw=2, label=f"moving average ({k})")
-    for ev, style, name in ((before, ":", "eval before"), (after, "--", "eval after")):
-        if ev is not None:
-            ax.axhline(ev.reward, color="tab:red", ls=style, lw=1.2, label=f"{name} {ev.reward:.3f}")
+    if "before" in evals:
+        p = evals["before"]
+        ax.axhline(p, color="tab:red", ls=":", lw=1.2, label=f"eval before {p:.3f}")
+        ax.axhline(p + (1 - p) / 2, color="tab:green", ls="-.", lw=1, label=f"target p+(1-p)/2 = {p + (1 - p) / 2:.3f}")
+    if "after" in evals:
+        ax.axhline(evals["after"], color="tab:red", ls="--", lw=1.2, label=f"eval after {evals['after']:.3f}")
+    low = min([*rew.tolist(), *evals.values()], default=0.0)
+    ax.set_ylim(max(0.0, np.floor((low - 0.05) * 10) / 10), 1.0)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward (prob. of prompted digit)")
-    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
