@@ -61,7 +61,7 @@ class LearnerWorker:
 
     def update(self, scored: dict[str, np.ndarray], *parts: Trajectory) -> dict[str, Any]:
         batch = Trajectory.concat(list(parts))
-        rewards = torch.from_numpy(scored["scores"]).float()
+        rewards = torch.tensor(scored["scores"], dtype=torch.float32)  # arrives read-only
         stats = self.learner.update(batch, rewards)
         stats.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                      step=self.learner.step, version=self.learner.version)

@@ -83,7 +83,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from services.pretrain import pretrain_digits
 
-    pretrain_digits(Path(args.out), steps=args.steps, seed=args.seed)
+    pretrain_digits(Path(args.out), steps=args.steps, seed=args.seed, eval_samples=args.eval_samples)
     return 0
 
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--steps", type=int, default=800,
                     help="optimiser steps; the shipped model is deliberately short-trained (see README)")
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--eval-samples", type=int, default=50, help="samples per digit in the closing measurement")
     pt.set_defaults(func=cmd_pretrain)
 
     tc = sub.add_parser("train-classifier", help="train the digits reward classifier")

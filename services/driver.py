@@ -125,6 +125,41 @@ def make_run_dir(cfg: TrainConfig, config_name: str) -> Path:
     return run_dir
 
 
+def batch_plan(cfg: TrainConfig, it: int) -> tuple[list[str], list[int]]:
+    """Iteration ``it``'s prompts (cycling through the list) and their noise seeds."""
+    prompts, per_it = cfg.rollout.prompts, cfg.rollout.batch_prompts
+    chosen = [prompts[(it * per_it + k) % len(prompts)] for k in range(per_it)]
+    return chosen, [seed_for(cfg.run.seed, it, k) for k in range(per_it)]
+
+
+def train_iteration(stages: Stages, cfg: TrainConfig, it: int, version: int) -> tuple[dict[str, Any], list[int] | None]:
+    """Rollout → reward → update; publish when the learner has a new version.
+
+    Returns the learner's statistics and, after a publish, the version each sampler applied.
+    """
+    prompts, seeds = batch_plan(cfg, it)
+    refs = stages.rollout(prompts, cfg.rollout.samples_per_prompt, seeds)
+    stats = ray.get(stages.learner.update.remote(stages.reward.score.remote(*refs), *refs))
+    if stats["rollout_version"] != version:
+        raise VersionMismatch(f"iteration {it} trained on version {stats['rollout_version']}, "
+                              f"samplers were at {version}")
+    return stats, (stages.sync() if stats["version"] != version else None)
+
+
+def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: dict[str, Any],
+                  grid_columns: int) -> dict[str, Any]:
+    """The grid, the curve, summary.json and summary.txt; prints the table."""
+    sample_grid(before, after, run_dir / "samples_before_after.png", grid_columns)
+    reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
+    table = summary_table(before, after)
+    summary = {"run_dir": str(run_dir), **extra, "before": before.headline(), "after": after.headline(),
+               "target_reward": before.reward + (1 - before.reward) / 2}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.txt").write_text(table + "\n")
+    print(table)
+    return summary
+
+
 def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
     """Run the job the config describes; returns the summary (also written to the run)."""
     from tqdm import tqdm
@@ -138,51 +173,28 @@ def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
         stages = Stages(*start_actors(cfg))
         svm = HeldoutSVM()
         before = evaluate(stages, cfg, 0, svm)
-        metrics_path = run_dir / "metrics.jsonl"
-        prompts, per_it = cfg.rollout.prompts, cfg.rollout.batch_prompts
         version, applied = 0, [0] * len(stages.samplers)
-        with metrics_path.open("w") as mf, tqdm(total=cfg.run.iterations, disable=not cfg.run.progress,
-                                                desc="train", unit="it", dynamic_ncols=True) as bar:
-            mf.write(json.dumps({"kind": "eval", "when": "before", "version": 0, "reward": before.reward,
-                                 "accuracy": before.accuracy, "diversity": before.diversity}) + "\n")
+        with (run_dir / "metrics.jsonl").open("w") as mf, \
+                tqdm(total=cfg.run.iterations, disable=not cfg.run.progress, desc="train", unit="it",
+                     dynamic_ncols=True) as bar:
+            mf.write(json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()}) + "\n")
             for it in range(cfg.run.iterations):
-                idx = [(it * per_it + k) % len(prompts) for k in range(per_it)]
-                batch_prompts = [prompts[i] for i in idx]
-                seeds = [seed_for(cfg.run.seed, it, k) for k in range(per_it)]
-                refs = stages.rollout(batch_prompts, cfg.rollout.samples_per_prompt, seeds)
-                scored = stages.reward.score.remote(*refs)
-                stats = ray.get(stages.learner.update.remote(scored, *refs))
-                if stats["rollout_version"] != version:
-                    raise VersionMismatch(f"iteration {it} trained on version {stats['rollout_version']}, "
-                                          f"samplers were at {version}")
-                if stats["version"] != version:
-                    applied = stages.sync()
-                    version = applied[0]
+                stats, synced = train_iteration(stages, cfg, it, version)
+                if synced is not None:
+                    applied, version = synced, synced[0]
                 row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
                        "sampler_versions": applied, **stats}
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", v=version)
                 bar.update(1)
-        final_step = stages.sync(current=True)[0]
-        after = evaluate(stages, cfg, final_step, svm)
+            final_version = stages.sync(current=True)[0]
+            after = evaluate(stages, cfg, final_version, svm)
+            mf.write(json.dumps({"kind": "eval", "when": "after", "version": final_version, **after.headline()}) + "\n")
         ckpt = ray.get(stages.learner.save.remote(str((run_dir / "checkpoint").resolve())))
-        with metrics_path.open("a") as mf:
-            mf.write(json.dumps({"kind": "eval", "when": "after", "version": final_step, "reward": after.reward,
-                                 "accuracy": after.accuracy, "diversity": after.diversity}) + "\n")
-        sample_grid(before, after, run_dir / "samples_before_after.png", cfg.eval.grid_columns)
-        reward_curve(metrics_path, run_dir / "reward_curve.png")
-        table = summary_table(before, after)
-        summary = {
-            "run_dir": str(run_dir), "checkpoint": ckpt, "seconds": round(time.time() - t0, 1),
-            "before": {"reward": before.reward, "accuracy": before.accuracy, "diversity": before.diversity},
-            "after": {"reward": after.reward, "accuracy": after.accuracy, "diversity": after.diversity},
-            "target_reward": before.reward + (1 - before.reward) / 2,
-            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (run_dir / "summary.txt").write_text(table + "\n")
-        print(table)
+        summary = write_outputs(run_dir, before, after, {
+            "checkpoint": ckpt, "seconds": round(time.time() - t0, 1),
+            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy}, cfg.eval.grid_columns)
         print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
         return summary
     finally:

@@ -26,6 +26,10 @@ class Evaluation:
     per_prompt_reward: tuple[float, ...]
     per_prompt_diversity: tuple[float, ...]
 
+    def headline(self) -> dict[str, float]:
+        """The three figures the summary reports."""
+        return {"reward": self.reward, "accuracy": self.accuracy, "diversity": self.diversity}
+
 
 def mean_pairwise_distance(images: np.ndarray) -> float:
     """Mean Euclidean distance over all pairs of n images (n, ...) with pixels scaled to [0, 1]."""

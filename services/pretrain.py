@@ -34,7 +34,7 @@ def measure_prompt_accuracy(sampler: Sampler, svm: HeldoutSVM, reward: DigitsCla
             "reward": float(out.scores.mean()), "cnn_accuracy": float(out.details["correct"].mean())}
 
 
-def pretrain_digits(out: Path, steps: int = 800, seed: int = 0) -> dict[str, object]:
+def pretrain_digits(out: Path, steps: int = 800, seed: int = 0, eval_samples: int = 50) -> dict[str, object]:
     from tqdm import tqdm
 
     # one thread: this model is too small for intra-op parallelism to pay (measured
@@ -64,7 +64,8 @@ def pretrain_digits(out: Path, steps: int = 800, seed: int = 0) -> dict[str, obj
         "parameters": sum(p.numel() for p in ema.parameters()),
         "train_seconds": round(train_s, 1),
         "settings": settings.__dict__,
-        "eval": {f"cfg_{s}": measure_prompt_accuracy(sampler, svm, reward, s) for s in (1.0, 2.0, 3.0)},
+        "eval_samples_per_digit": eval_samples,
+        "eval": {f"cfg_{s}": measure_prompt_accuracy(sampler, svm, reward, s, eval_samples) for s in (1.0, 2.0, 3.0)},
     }
     save_velocity(ema, out, metadata={"pretrain_report": json.dumps(report)})
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

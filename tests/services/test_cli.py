@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,3 +41,36 @@ def test_damaged_checkpoint_is_named(tmp_path):
     r = fmrl("sample", "--checkpoint", str(bad), "--prompt", "a handwritten one", "--out", str(tmp_path / "o.npz"))
     assert r.returncode == 1 and "not a readable safetensors checkpoint" in r.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_sample_writes_images_and_prompts(tmp_path):
+    out = tmp_path / "s.npz"
+    r = fmrl("sample", "--checkpoint", "samplers/assets/digits_policy.safetensors", "--prompt", "a handwritten seven",
+             "--prompt", "the digit 3", "-n", "5", "--cfg-scale", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    with np.load(out) as f:
+        images, prompts = f["images"], f["prompts"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+    assert prompts.tolist() == ["a handwritten seven"] * 5 + ["the digit 3"] * 5
+    # the shipped model with CFG draws what was asked, by the evaluation classifier
+    from reward_workers.digits import HeldoutSVM
+
+    assert (HeldoutSVM().predict(images) == np.array([7] * 5 + [3] * 5)).mean() >= 0.8
+
+
+def test_pretrain_and_classifier_commands_write_loadable_files(tmp_path):
+    from safetensors import safe_open
+
+    from samplers.policy import load_velocity
+
+    r = fmrl("pretrain-digits", "--steps", "3", "--eval-samples", "2", "--out", str(tmp_path / "p.safetensors"))
+    assert r.returncode == 0, r.stderr
+    load_velocity(tmp_path / "p.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert '"command": "fmrl pretrain-digits --steps 3 --seed 0"' in f.metadata()["pretrain_report"]
+    assert (tmp_path / "p.json").is_file()
+    r = fmrl("train-classifier", "--epochs", "1", "--out", str(tmp_path / "c.safetensors"))
+    assert r.returncode == 0 and "held-out accuracy" in r.stdout
+    from reward_workers.digits import load_classifier
+
+    load_classifier(tmp_path / "c.safetensors")
