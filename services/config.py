@@ -15,8 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from learner.learner import LearnerSettings
-
-_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from samplers.digits import default_prompts
 
 
 class ConfigError(ValueError):
@@ -52,7 +51,7 @@ class PolicyConfig(_Strict):
 
 class RolloutConfig(_Strict):
     prompts: list[str] = Field(
-        default_factory=lambda: [f"a handwritten {w}" for w in _DIGITS],
+        default_factory=default_prompts,
         description="Prompts cycled through by the driver.",
     )
     prompts_per_iteration: int | None = Field(

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import reward_workers.digits as reward_digits
 from reward_workers.digits import DigitsClassifierReward, HeldoutSVM, load_split, prompt_digit
 
 
@@ -56,3 +57,14 @@ def test_bad_batches_are_named():
         r(np.zeros((2, 8, 8, 1), np.uint8), ["a handwritten one"])
     with pytest.raises(ValueError, match="8×8"):
         r(np.zeros((2, 16, 16, 1), np.uint8), ["a handwritten one"] * 2)
+
+
+def test_reward_reads_every_prompt_the_policy_was_trained_on():
+    # samplers and reward_workers may not import each other, so each names the digits;
+    # this keeps the two lists in step
+    from samplers import digits
+
+    assert digits.DIGIT_WORDS == reward_digits.DIGIT_WORDS
+    for d in range(10):
+        for t in range(len(digits.TEMPLATES)):
+            assert prompt_digit(digits.prompt_for(d, t)) == d
