@@ -102,7 +102,8 @@ def evaluate(stages: Stages, cfg: TrainConfig, version: int, svm: HeldoutSVM) ->
     seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
     refs = stages.rollout(prompts, n, seeds, cfg_scale=1.0)
     scored = ray.get(stages.reward.score.remote(*refs))
-    images = np.concatenate([t.images for t in ray.get(refs)]).reshape(len(prompts), n, *ray.get(refs[0]).images.shape[1:])
+    flat = np.concatenate([t.images for t in ray.get(refs)])
+    images = flat.reshape(len(prompts), n, *flat.shape[1:])
     target = np.repeat([prompt_digit(p) for p in prompts], n)
     correct = svm.predict(images.reshape(-1, *images.shape[2:])) == target
     per_reward = scored["scores"].reshape(len(prompts), n).mean(1)
