@@ -1,8 +1,10 @@
-"""The learner: a trained policy, a frozen reference, a lagged rollout policy, AdamW.
+"""The learner: a trained policy, a frozen reference, a rollout policy, AdamW.
 
 The rollout policy π_old is a frozen copy of π_θ refreshed every
-``rollout_refresh_every`` optimiser steps (ORW-CFM-W2's "steps per epoch" H); its
-weights are what samplers roll out, so each refresh is a new published version.
+``rollout_refresh_every`` optimiser steps (ORW-CFM-W2's "steps per epoch" H), either
+copied or moved towards π_θ by an EMA (AdvantageFlow, DiffusionNFT); its weights are
+what samplers roll out, so each refresh is a new published version. The objective's
+rule (learner/rules.py) turns a batch into the objective's inputs.
 The learner owns reduction and accumulation: objectives return per-sample losses,
 the learner sums them over micro-batches and divides by the batch size, so the
 gradient does not depend on how the batch is cut.
@@ -14,45 +16,20 @@ import copy
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-from learner.coupling import Coupling, couple
-from learner.objectives import orw_cfm_w2_loss
-from samplers.flow import interpolate, sample_training_times, velocity_target
+from learner.pretrain import ema_update
+from learner.rules import Batch, Prepared, build_rule, settings_json
+from learner.settings import LearnerSettings
 from samplers.policy import SD3Velocity, load_velocity, save_velocity, state_checksum
 from samplers.text import PromptEmbeddings
 from samplers.trajectory import Trajectory
 
-ObjectiveName = Literal["orw_cfm_w2"]
-
-
-@dataclass(frozen=True)
-class LearnerSettings:
-    """Optimisation and objective settings (the services config maps onto these).
-
-    The defaults are the ORW-CFM-W2 released code's (τ = 0.5, α = 1, raw weights); the
-    digits world's config chooses its own (docs/algorithms.md says why).
-    """
-
-    objective: ObjectiveName = "orw_cfm_w2"
-    tau: float = 0.5
-    alpha: float = 1.0
-    normalize_weights: bool = False
-    coupling: Coupling = "independent"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    warmup_steps: int = 10
-    micro_batch_size: int = 64
-    updates_per_batch: int = 1
-    rollout_refresh_every: int = 1
-    seed: int = 0
+__all__ = ["Learner", "LearnerSettings", "WeightsPayload"]
 
 
 @dataclass(frozen=True)
@@ -71,13 +48,13 @@ class Learner:
     """Turns scored trajectories into updates of π_θ and publishes π_old."""
 
     def __init__(self, policy: SD3Velocity, encode: Encode, settings: LearnerSettings) -> None:
-        if settings.objective != "orw_cfm_w2":
-            raise ValueError(f"unknown objective {settings.objective!r}; valid: 'orw_cfm_w2'")
         self.settings = settings
         self.encode = encode
         self.policy = policy.train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.rollout = copy.deepcopy(policy).eval().requires_grad_(False)
+        tcfg = policy.transformer.config
+        self.rule = build_rule(settings, tcfg.in_channels, tcfg.pooled_projection_dim)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
@@ -99,67 +76,55 @@ class Learner:
             raise ValueError(f"expected {batch.size} rewards, got shape {tuple(rewards.shape)}")
         if not torch.isfinite(rewards).all():
             raise ValueError(f"{int((~torch.isfinite(rewards)).sum())} non-finite rewards in the batch")
-        cond = self.encode(list(batch.prompts)).index(batch.prompt_ids)
+        scored = Batch(batch.samples, self.encode(list(batch.prompts)).index(batch.prompt_ids), rewards,
+                       batch.prompt_list(), batch.prompt_ids)
         totals: dict[str, float] = {}
         for _ in range(self.settings.updates_per_batch):
-            for k, v in self._optimizer_step(batch.samples, batch.prompt_ids, cond, rewards).items():
+            for k, v in self._optimizer_step(scored).items():
                 totals[k] = totals.get(k, 0.0) + v / self.settings.updates_per_batch
         totals["rollout_version"] = float(batch.version)
         return totals
 
-    def _optimizer_step(
-        self, x0: torch.Tensor, groups: torch.Tensor, cond: PromptEmbeddings, rewards: torch.Tensor
-    ) -> dict[str, float]:
+    def _optimizer_step(self, b: Batch) -> dict[str, float]:
         s = self.settings
-        b = x0.shape[0]
-        # all randomness is drawn for the whole batch first, so micro-batching changes nothing
-        t = sample_training_times(b, self.generator)
-        noise = couple(x0, torch.randn(x0.shape, generator=self.generator), groups, s.coupling)
-        x_t = interpolate(x0, noise, t)
-        u = velocity_target(x0, noise)
+        # whole-batch inputs first, so micro-batching changes nothing
+        prep, stats, train_actor = self.rule.prepare(self, b)
+        n = next(iter(prep.values())).shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         loss_sum = 0.0
-        # the batch-normalised option divides by the whole batch's mean weight
-        norm = torch.exp(s.tau * rewards).mean() if s.normalize_weights else None
-        for lo in range(0, b, s.micro_batch_size):
-            sl = slice(lo, lo + s.micro_batch_size)
-            c = PromptEmbeddings(cond.tokens[sl], cond.pooled[sl])
-            v_theta = self.policy(x_t[sl], t[sl], c)
-            with torch.no_grad():
-                v_ref = self.reference(x_t[sl], t[sl], c) if s.alpha > 0 else v_theta.detach()
-            losses, stats = orw_cfm_w2_loss(
-                v_theta, u[sl], v_ref, rewards[sl], tau=s.tau, alpha=s.alpha, weight_normalizer=norm
-            )
-            (losses.sum() / b).backward()
+        for lo in range(0, n, s.micro_batch_size):
+            mb: Prepared = {k: v[lo:lo + s.micro_batch_size] for k, v in prep.items()}
+            losses, st = self.rule.losses(self, mb)
+            if train_actor:
+                (losses.sum() / n).backward()
             loss_sum += float(losses.detach().sum())
-            n = losses.shape[0]
-            for k, v in stats.items():
-                if k in ("fm", "w2"):
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-        grad_norm = float(nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient norm at learner step {self.step}")
-        self.optimizer.step()
-        self.scheduler.step()
+            for k in ("fm", "w2"):
+                if k in st:
+                    sums[k] = sums.get(k, 0.0) + float(st[k]) * losses.shape[0]
+        grad_norm = 0.0
+        if train_actor:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))
+            if not math.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite gradient norm at learner step {self.step}")
+            self.optimizer.step()
+            self.scheduler.step()
+        stats.update(self.rule.after_step(self, prep))
         self.step += 1
+        if s.rollout_update == "ema":
+            ema_update(self.rollout, self.policy, s.rollout_ema_decay)
         if self.step % s.rollout_refresh_every == 0:
             self.refresh_rollout()
-        w = torch.exp(s.tau * rewards)
-        return {
-            "loss": loss_sum / b,
-            "fm": sums["fm"] / b,
-            "w2": sums["w2"] / b,
-            "grad_norm": grad_norm,
-            "ess": float(w.sum() ** 2 / (b * w.pow(2).sum())),
-            "lr": self.scheduler.get_last_lr()[0],
-        }
+        return {"loss": loss_sum / n, **{k: v / n for k, v in sums.items()}, "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0], **stats}
 
     # ---- publishing ----------------------------------------------------------------
     def refresh_rollout(self) -> None:
-        """π_old ← π_θ; the copy becomes the next published version."""
-        self.rollout.load_state_dict(self.policy.state_dict())
+        """Make the rollout policy the next published version (π_old ← π_θ when copying;
+        with an EMA rollout policy its current average is published)."""
+        if self.settings.rollout_update == "copy":
+            self.rollout.load_state_dict(self.policy.state_dict())
         self.version = self.step
 
     def publish(self, current: bool = False) -> WeightsPayload:
@@ -176,7 +141,8 @@ class Learner:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"step": str(self.step), "version": str(self.version),
-                "settings": json.dumps(asdict(self.settings))}
+                "scheduler_epoch": str(self.scheduler.last_epoch),
+                "settings": settings_json(self.settings)}
         save_velocity(self.policy, d / "policy.safetensors", metadata=meta)
         save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta)
         opt_state = self.optimizer.state_dict()
@@ -184,8 +150,11 @@ class Learner:
         for pid, st in opt_state["state"].items():
             for name, val in st.items():
                 tensors[f"{pid}.{name}"] = torch.as_tensor(val).contiguous()
+        rule_tensors, rule_meta = self.rule.state()
+        tensors.update({f"rule.{k}": v for k, v in rule_tensors.items()})
         tmp = d / "optimizer.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(opt_state["param_groups"])})
+        save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(opt_state["param_groups"]),
+                                               "rule": json.dumps(rule_meta)})
         tmp.replace(d / "optimizer.safetensors")
         return d / "policy.safetensors"
 
@@ -204,10 +173,16 @@ class Learner:
             meta = f.metadata()
         flat = load_file(str(d / "optimizer.safetensors"))
         state: dict[int, dict[str, torch.Tensor]] = {}
+        rule_tensors = {k[5:]: v for k, v in flat.items() if k.startswith("rule.")}
         for key, val in flat.items():
+            if key.startswith("rule."):
+                continue
             pid, name = key.split(".", 1)
             state.setdefault(int(pid), {})[name] = val
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
         self.step = int(meta["step"])
         self.version = int(meta["version"])
-        self.scheduler.last_epoch = self.step
+        # the optimiser's saved param groups carry the scheduled lr; the scheduler resumes its count
+        self.scheduler.last_epoch = int(meta["scheduler_epoch"])
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run a training job (default: the embedded digits world)")
     t.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. algorithm.tau=5")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. algorithm.orw.tau=5")
     t.add_argument("--name", help="run name (directory under run.out_dir)")
     t.set_defaults(func=cmd_train)
 

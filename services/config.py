@@ -14,7 +14,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from learner.learner import LearnerSettings
+from learner.settings import (
+    ACFlowParams,
+    AdvantageFlowParams,
+    DiffusionNFTParams,
+    LearnerSettings,
+    ObjectiveName,
+    ORWParams,
+    TrackerParams,
+)
 from samplers.digits import default_prompts
 
 
@@ -82,12 +90,69 @@ class RolloutConfig(_Strict):
         return self
 
 
-class AlgorithmConfig(_Strict):
-    name: Literal["orw_cfm_w2"] = Field("orw_cfm_w2", description="The objective (see docs/algorithms.md).")
-    tau: float = Field(20.0, ge=0, description="ORW inverse temperature: w = exp(τ·r) (released code: 0.5; see docs/algorithms.md).")
+class ORWConfig(_Strict):
+    tau: float = Field(20.0, ge=0, description="Inverse temperature: w = exp(τ·r) (released code: 0.5; see docs/algorithms.md).")
     alpha: float = Field(0.5, ge=0, description="Weight of the W2 regulariser α·‖v_θ − v_ref‖² (released code: 1).")
     normalize_weights: bool = Field(True, description="Divide w by its batch mean (an option; the released code does not).")
     coupling: Literal["independent", "minibatch_ot"] = Field("independent", description="Noise–sample coupling of the FM term.")
+
+
+class TrackerConfig(_Strict):
+    buffer_size: int = Field(32, ge=1, description="Rewards kept per prompt.")
+    min_count: int = Field(16, ge=1, description="Below this many, a prompt is normalised with batch statistics.")
+    global_std: bool = Field(False, description="Divide prompt-centred rewards by their std over the batch.")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> TrackerConfig:
+        if self.min_count > self.buffer_size:
+            raise ValueError(f"min_count={self.min_count} exceeds buffer_size={self.buffer_size}: "
+                             "per-prompt statistics could never be used")
+        return self
+
+
+class ACFlowConfig(_Strict):
+    tau: float = Field(1.0, ge=0, description="Temperature of the critic weighting g(τ·A).")
+    alpha: float = Field(0.5, ge=0, description="Weight of the W2 regulariser.")
+    weighting: Literal["exp", "linear", "softplus"] = Field("exp", description="Critic weighting family, normalised to mean 1.")
+    shaping: Literal["none", "clip", "tanh"] = Field("tanh", description="Squash of per-prompt-normalised rewards.")
+    shaping_limit: float = Field(1.0, gt=0, description="Shaped rewards lie in [−limit, limit].")
+    advantage_clip: float | None = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max (null: no clipping).")
+    warmup_steps: int = Field(20, ge=0, description="K: learner steps during which the critic trains before it steers the actor.")
+    warmup_actor: Literal["frozen", "orw"] = Field("frozen", description="During warm-up the actor is frozen or uses ORW weights on r̃.")
+    critic_lr: float = Field(1e-3, gt=0, description="The critic's AdamW learning rate.")
+    critic_steps: int = Field(1, ge=1, description="Critic optimiser steps per learner step.")
+    critic_width: int = Field(32, ge=4, description="Channels of the critic (≈25 k parameters at 32).")
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+
+class AdvantageFlowConfig(_Strict):
+    gamma: float = Field(1.1, ge=0, description="γ: weight of the rollout-policy term ‖f_θ − f_old‖².")
+    lam: float = Field(1e-3, ge=0, description="λ: weight of the reference term ‖f_θ − f_ref‖².")
+    advantage_clip: float = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max.")
+    adaptive_norm: bool = Field(False, description="Divide each loss by sg(max(mean|f_θ − x0|, 1e-5)) as DiffusionNFT does.")
+    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
+
+    @model_validator(mode="after")
+    def _convex(self) -> AdvantageFlowConfig:
+        from learner.objectives.advantage_flow import check_convexity
+
+        check_convexity(self.gamma, self.lam, self.advantage_clip)
+        return self
+
+
+class DiffusionNFTConfig(_Strict):
+    beta: float = Field(1.0, gt=0, description="β: step of the implicit positive/negative policies.")
+    advantage_clip: float = Field(5.0, gt=0, description="A_max of r = clip(A/A_max/2 + 0.5, 0, 1).")
+    ref_weight: float = Field(0.0, ge=0, description="Weight of a ‖v_θ − v_ref‖² term.")
+    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
+
+
+class AlgorithmConfig(_Strict):
+    name: ObjectiveName = Field("orw_cfm_w2", description="The objective (docs/algorithms.md); its section below applies.")
+    orw: ORWConfig = Field(default_factory=ORWConfig)
+    ac_flow: ACFlowConfig = Field(default_factory=ACFlowConfig)
+    advantage_flow: AdvantageFlowConfig = Field(default_factory=AdvantageFlowConfig)
+    diffusion_nft: DiffusionNFTConfig = Field(default_factory=DiffusionNFTConfig)
 
 
 class LearnerConfig(_Strict):
@@ -97,7 +162,9 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
     micro_batch_size: int = Field(80, ge=1, description="Rows per forward/backward; gradients accumulate over the batch.")
     updates_per_batch: int = Field(1, ge=1, description="Optimiser steps on each rollout batch.")
-    rollout_refresh_every: int = Field(1, ge=1, description="H: π_old ← π_θ (and a new published version) every H steps.")
+    rollout_refresh_every: int = Field(1, ge=1, description="H: a new published version of π_old every H steps.")
+    rollout_update: Literal["copy", "ema"] = Field("copy", description="π_old ← π_θ at each refresh, or an EMA of π_θ every step.")
+    rollout_ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema'.")
 
 
 class RewardConfig(_Strict):
@@ -148,12 +215,21 @@ class TrainConfig(_Strict):
 
     def learner_settings(self) -> LearnerSettings:
         a, ln = self.algorithm, self.learner
+
+        def tracked(cls: type, section: BaseModel) -> Any:
+            d = section.model_dump()
+            if "tracker" in d:
+                d["tracker"] = TrackerParams(**d["tracker"])
+            return cls(**d)
+
         return LearnerSettings(
-            objective=a.name, tau=a.tau, alpha=a.alpha, normalize_weights=a.normalize_weights,
-            coupling=a.coupling, lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
+            objective=a.name, orw=tracked(ORWParams, a.orw), ac_flow=tracked(ACFlowParams, a.ac_flow),
+            advantage_flow=tracked(AdvantageFlowParams, a.advantage_flow),
+            diffusion_nft=tracked(DiffusionNFTParams, a.diffusion_nft),
+            lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
             warmup_steps=ln.warmup_steps, micro_batch_size=ln.micro_batch_size,
             updates_per_batch=ln.updates_per_batch, rollout_refresh_every=ln.rollout_refresh_every,
-            seed=self.run.seed,
+            rollout_update=ln.rollout_update, rollout_ema_decay=ln.rollout_ema_decay, seed=self.run.seed,
         )
 
 

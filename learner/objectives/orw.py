@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _sq_norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of squares over every non-batch dimension: (B, ...) → (B,)."""
-    return x.pow(2).flatten(1).mean(1)
+from learner.objectives.weighted import weighted_cfm_w2_loss
 
 
 def orw_weights(rewards: torch.Tensor, tau: float, normalizer: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,17 +50,7 @@ def orw_cfm_w2_loss(
     ``weight_mean``, ``weight_max`` and ``ess`` (effective sample size fraction
     (Σw)² / (B·Σw²)).
     """
-    if tau < 0 or alpha < 0:
-        raise ValueError(f"tau and alpha must be non-negative, got tau={tau}, alpha={alpha}")
-    w = orw_weights(rewards.to(v_theta.dtype), tau, weight_normalizer).detach()
-    fm = _sq_norm(v_theta - u)
-    w2 = _sq_norm(v_theta - v_ref.detach())
-    losses = w * fm + alpha * w2
-    stats = {
-        "fm": fm.mean().detach(),
-        "w2": w2.mean().detach(),
-        "weight_mean": w.mean(),
-        "weight_max": w.max(),
-        "ess": (w.sum() ** 2 / (w.numel() * w.pow(2).sum())),
-    }
-    return losses, stats
+    if tau < 0:
+        raise ValueError(f"tau must be non-negative, got {tau}")
+    weights = orw_weights(rewards.to(v_theta.dtype), tau, weight_normalizer)
+    return weighted_cfm_w2_loss(v_theta, u, v_ref, weights, alpha)

@@ -16,7 +16,7 @@ def fmrl(*args, cwd=ROOT):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train", "--set", "algorithm.taux=1"], "unknown key 'algorithm.taux'"),
+    (["train", "--set", "algorithm.orw.taux=1"], "unknown key 'algorithm.orw.taux'"),
     (["train", "--set", "learner.lr=-1"], "learner.lr: Input should be greater than 0"),
     (["train", "--set", "rollout.prompts=[]"], "the prompt list is empty"),
     (["train", "--set", "policy.checkpoint=/nonexistent/p.safetensors"], "policy checkpoint not found"),

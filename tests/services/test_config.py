@@ -7,13 +7,13 @@ from services.config import ConfigError, load_config, parse_override
 
 def test_defaults_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("algorithm:\n  tau: 3.0\nrun:\n  iterations: 7\n")
-    cfg = load_config(f, ["algorithm.tau=4", "learner.lr=1e-3", "rollout.prompts=[a handwritten one, the digit 2]",
+    f.write_text("algorithm:\n  orw:\n    tau: 3.0\nrun:\n  iterations: 7\n")
+    cfg = load_config(f, ["algorithm.orw.tau=4", "learner.lr=1e-3", "rollout.prompts=[a handwritten one, the digit 2]",
                           "rollout.prompts_per_iteration=2"])
-    assert cfg.algorithm.tau == 4.0 and cfg.run.iterations == 7 and cfg.learner.lr == 1e-3
+    assert cfg.algorithm.orw.tau == 4.0 and cfg.run.iterations == 7 and cfg.learner.lr == 1e-3
     assert cfg.rollout.prompts == ["a handwritten one", "the digit 2"]
     s = cfg.learner_settings()
-    assert (s.tau, s.alpha, s.lr, s.seed) == (4.0, 0.5, 1e-3, 0)
+    assert (s.orw.tau, s.orw.alpha, s.lr, s.seed) == (4.0, 0.5, 1e-3, 0)
 
 
 def test_shipped_config_loads():
@@ -22,11 +22,14 @@ def test_shipped_config_loads():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("algorithm.taux=1", "unknown key 'algorithm.taux'"),
+    ("algorithm.orw.taux=1", "unknown key 'algorithm.orw.taux'"),
     ("bogus.x=1", "unknown key 'bogus'"),
     ("learner.lr=-1", "learner.lr: Input should be greater than 0"),
-    ("algorithm.alpha=-0.5", "algorithm.alpha: Input should be greater than or equal to 0"),
-    ("algorithm.name=ppo", "algorithm.name: Input should be 'orw_cfm_w2'"),
+    ("algorithm.orw.alpha=-0.5", "algorithm.orw.alpha: Input should be greater than or equal to 0"),
+    ("algorithm.name=ppo", "algorithm.name: Input should be 'orw_cfm_w2', 'ac_flow'"),
+    ("algorithm.advantage_flow.gamma=0.5", "γ + λ − A_max"),
+    ("algorithm.ac_flow.tracker.min_count=64", "min_count=64 exceeds buffer_size=32"),
+    ("algorithm.ac_flow.weighting=cubic", "algorithm.ac_flow.weighting: Input should be 'exp', 'linear' or 'softplus'"),
     ("rollout.prompts=[]", "rollout.prompts: the prompt list is empty"),
     ("rollout.samples_per_prompt=many", "rollout.samples_per_prompt: Input should be a valid integer"),
     ("run.name=../escape", "run.name: must be letters"),

@@ -1,0 +1,268 @@
+"""Update rules: how the learner feeds each objective.
+
+An objective (``learner/objectives``) is a pure function of tensors. A rule is the glue
+that turns a scored batch into that function's inputs: it draws interpolants, runs the
+frozen reference / rollout policy / critic without gradients, turns rewards into
+advantages, and owns the state that comes with the method (a reward tracker, a critic).
+``prepare`` works on the whole batch so that every batch-level quantity (weight
+normalisation, advantages) is the same however the learner cuts it into micro-batches;
+``losses`` is called per micro-batch with gradients on the policy.
+
+The table ``RULES`` maps the config's objective name to its rule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from learner.advantages import PerPromptStatTracker, clip_advantages, shape_rewards
+from learner.coupling import couple
+from learner.critic import ValueCritic
+from learner.objectives import orw_cfm_w2_loss
+from learner.objectives.ac_flow import ac_flow_actor_loss, critic_regression_loss, critic_weights
+from learner.objectives.advantage_flow import advantage_flow_loss, check_convexity
+from learner.objectives.diffusion_nft import diffusion_nft_loss, nft_optimality
+from learner.settings import LearnerSettings, TrackerParams
+from samplers.flow import data_prediction, interpolate, sample_training_times, velocity_target
+from samplers.text import PromptEmbeddings
+
+if TYPE_CHECKING:
+    from learner.learner import Learner
+
+Prepared = dict[str, torch.Tensor]
+"""Full-batch tensors, each (N, ...) and sliced along dim 0 into micro-batches."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A scored batch. x0 (B, C, H, W); cond B rows; rewards (B,); prompts B strings;
+    prompt_ids (B,) int64 (equal ids = same prompt)."""
+
+    x0: torch.Tensor
+    cond: PromptEmbeddings
+    rewards: torch.Tensor
+    prompts: list[str]
+    prompt_ids: torch.Tensor
+
+
+def cond_of(p: Prepared) -> PromptEmbeddings:
+    return PromptEmbeddings(p["tokens"], p["pooled"])
+
+
+def draw_interpolants(ln: Learner, b: Batch, coupling: str = "independent") -> Prepared:
+    """t ~ U(0, 1), ε ~ N(0, I) (coupled to x0 if asked), x_t and u for the whole batch."""
+    t = sample_training_times(b.x0.shape[0], ln.generator)
+    noise = couple(b.x0, torch.randn(b.x0.shape, generator=ln.generator), b.prompt_ids, coupling)  # type: ignore[arg-type]
+    return {"x0": b.x0, "t": t, "x_t": interpolate(b.x0, noise, t), "u": velocity_target(b.x0, noise),
+            "tokens": b.cond.tokens, "pooled": b.cond.pooled}
+
+
+def _tracker(p: TrackerParams) -> PerPromptStatTracker:
+    return PerPromptStatTracker(buffer_size=p.buffer_size, min_count=p.min_count, global_std=p.global_std)
+
+
+class Rule(Protocol):
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        """Whole-batch inputs, statistics, and whether the actor trains this step."""
+        ...
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]: ...
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None: ...
+
+
+class _Stateless:
+    def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
+        return {}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        return None
+
+
+class ORWRule(_Stateless):
+    """ORW-CFM-W2 on the rewards themselves (no baseline, no tracker)."""
+
+    def __init__(self, s: LearnerSettings) -> None:
+        self.p = s.orw
+
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        prep = draw_interpolants(ln, b, self.p.coupling)
+        prep["rewards"] = b.rewards
+        w = torch.exp(self.p.tau * b.rewards)
+        # the batch-normalised option divides by the whole batch's mean weight
+        norm = w.mean() if self.p.normalize_weights else torch.tensor(1.0)
+        prep["normalizer"] = norm.expand(b.x0.shape[0])
+        return prep, {"ess": float(w.sum() ** 2 / (w.numel() * w.pow(2).sum()))}, True
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = cond_of(mb)
+        v = ln.policy(mb["x_t"], mb["t"], c)
+        with torch.no_grad():
+            v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
+        return orw_cfm_w2_loss(v, mb["u"], v_ref, mb["rewards"], tau=self.p.tau, alpha=self.p.alpha,
+                               weight_normalizer=mb["normalizer"][0] if self.p.normalize_weights else None)
+
+
+class ACFlowRule:
+    """AC-Flow [reconstructed]: shaped rewards, a critic at intermediate states, clipped
+    advantages, a critic warm-up, generalised critic weighting and the W2 term."""
+
+    def __init__(self, s: LearnerSettings, in_channels: int, cond_dim: int) -> None:
+        self.p = s.ac_flow
+        self.tracker = _tracker(self.p.tracker)
+        torch.manual_seed(s.seed)
+        self.critic = ValueCritic(in_channels, cond_dim, width=self.p.critic_width)
+        self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.p.critic_lr)
+
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        norm, tstats = self.tracker.normalize(b.prompts, b.rewards)
+        shaped = shape_rewards(norm, self.p.shaping, self.p.shaping_limit)
+        prep = draw_interpolants(ln, b)
+        prep["target"] = shaped
+        with torch.no_grad():
+            value = self.critic(prep["x_t"], prep["t"], b.cond.pooled)
+        adv = shaped - value
+        clip_frac = 0.0
+        if self.p.advantage_clip is not None:
+            adv, clip_frac = clip_advantages(adv, self.p.advantage_clip)
+        warming = ln.step < self.p.warmup_steps
+        if warming and self.p.warmup_actor == "orw":
+            w = critic_weights(shaped, family="exp", tau=self.p.tau)  # ORW weights on r̃
+        else:
+            w = critic_weights(adv, family=self.p.weighting, tau=self.p.tau)
+        prep["weights"] = w
+        stats = {"adv_std": float(adv.std()), "clip_fraction": clip_frac, "warmup": float(warming),
+                 "ess": float(w.sum() ** 2 / (w.numel() * w.pow(2).sum())) if w.sum() > 0 else 0.0,
+                 "zero_spread_groups": tstats["zero_spread_groups"]}
+        return prep, stats, not (warming and self.p.warmup_actor == "frozen")
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = cond_of(mb)
+        v = ln.policy(mb["x_t"], mb["t"], c)
+        with torch.no_grad():
+            v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
+        return ac_flow_actor_loss(v, mb["u"], v_ref, mb["weights"], alpha=self.p.alpha)
+
+    def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
+        """Critic regression of r̃ on the batch's intermediate states (its own optimiser)."""
+        out: dict[str, float] = {}
+        for _ in range(self.p.critic_steps):
+            losses, st = critic_regression_loss(self.critic(p["x_t"], p["t"], p["pooled"]), p["target"])
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            self.optimizer.step()
+            out = {"critic_loss": losses.mean().item(), "explained_variance": float(st["explained_variance"])}
+        return out
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"critic.{k}": v.detach().contiguous() for k, v in self.critic.state_dict().items()}
+        for pid, st in self.optimizer.state_dict()["state"].items():
+            for name, val in st.items():
+                tensors[f"critic_opt.{pid}.{name}"] = torch.as_tensor(val).contiguous()
+        return tensors, {"tracker": self.tracker.state_dict(),
+                         "critic_opt_groups": self.optimizer.state_dict()["param_groups"]}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.critic.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("critic.")})
+        opt: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("critic_opt."):
+                _, pid, name = k.split(".", 2)
+                opt.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict({"state": opt, "param_groups": meta["critic_opt_groups"]})
+        self.tracker.load_state_dict(meta["tracker"])
+
+
+class _TrackedRule:
+    """Shared by the advantage-based rules: a per-prompt tracker whose state is saved."""
+
+    tracker: PerPromptStatTracker
+
+    def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
+        return {}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"tracker": self.tracker.state_dict()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(meta["tracker"])
+
+    def advantages(self, b: Batch, a_max: float) -> tuple[torch.Tensor, dict[str, float]]:
+        adv, tstats = self.tracker.normalize(b.prompts, b.rewards)
+        adv, frac = clip_advantages(adv, a_max)
+        return adv, {"adv_std": float(adv.std()), "clip_fraction": frac,
+                     "zero_spread_groups": tstats["zero_spread_groups"]}
+
+
+class AdvantageFlowRule(_TrackedRule):
+    """AdvantageFlow [restated]: A·‖f_θ − x0‖² + γ‖f_θ − f_old‖² + λ‖f_θ − f_ref‖²."""
+
+    def __init__(self, s: LearnerSettings) -> None:
+        self.p = s.advantage_flow
+        check_convexity(self.p.gamma, self.p.lam, self.p.advantage_clip)
+        self.tracker = _tracker(self.p.tracker)
+
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        prep = draw_interpolants(ln, b)
+        prep["advantages"], stats = self.advantages(b, self.p.advantage_clip)
+        c = b.cond
+        with torch.no_grad():
+            prep["f_old"] = data_prediction(prep["x_t"], prep["t"], ln.rollout(prep["x_t"], prep["t"], c))
+            prep["f_ref"] = (data_prediction(prep["x_t"], prep["t"], ln.reference(prep["x_t"], prep["t"], c))
+                             if self.p.lam > 0 else prep["f_old"])
+        return prep, stats, True
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        f = data_prediction(mb["x_t"], mb["t"], ln.policy(mb["x_t"], mb["t"], cond_of(mb)))
+        return advantage_flow_loss(f, mb["x0"], mb["f_old"], mb["f_ref"], mb["advantages"], gamma=self.p.gamma,
+                                   lam=self.p.lam, adaptive_norm=self.p.adaptive_norm)
+
+
+class DiffusionNFTRule(_TrackedRule):
+    """DiffusionNFT [code]: r·‖v⁺ − u‖² + (1 − r)·‖v⁻ − u‖² around the old policy."""
+
+    def __init__(self, s: LearnerSettings) -> None:
+        self.p = s.diffusion_nft
+        self.tracker = _tracker(self.p.tracker)
+
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        prep = draw_interpolants(ln, b)
+        adv, stats = self.advantages(b, self.p.advantage_clip)
+        prep["r"] = nft_optimality(adv, self.p.advantage_clip)
+        with torch.no_grad():
+            prep["v_old"] = ln.rollout(prep["x_t"], prep["t"], b.cond)
+            prep["v_ref"] = ln.reference(prep["x_t"], prep["t"], b.cond) if self.p.ref_weight > 0 else prep["v_old"]
+        return prep, stats, True
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        v = ln.policy(mb["x_t"], mb["t"], cond_of(mb))
+        return diffusion_nft_loss(v, mb["v_old"], mb["u"], mb["r"], beta=self.p.beta,
+                                  v_ref=mb["v_ref"] if self.p.ref_weight > 0 else None, ref_weight=self.p.ref_weight)
+
+
+def build_rule(s: LearnerSettings, in_channels: int, cond_dim: int) -> Rule:
+    """The rule for ``s.objective``; an unknown name lists the valid ones."""
+    table = {
+        "orw_cfm_w2": lambda: ORWRule(s),
+        "ac_flow": lambda: ACFlowRule(s, in_channels, cond_dim),
+        "advantage_flow": lambda: AdvantageFlowRule(s),
+        "diffusion_nft": lambda: DiffusionNFTRule(s),
+    }
+    if s.objective not in table:
+        raise ValueError(f"unknown objective {s.objective!r}; valid: {', '.join(sorted(table))}")
+    return table[s.objective]()
+
+
+def settings_json(s: LearnerSettings) -> str:
+    return json.dumps(asdict(s))
