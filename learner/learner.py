@@ -77,7 +77,7 @@ class Learner:
         if not torch.isfinite(rewards).all():
             raise ValueError(f"{int((~torch.isfinite(rewards)).sum())} non-finite rewards in the batch")
         scored = Batch(batch.samples, self.encode(list(batch.prompts)).index(batch.prompt_ids), rewards,
-                       batch.prompt_list(), batch.prompt_ids)
+                       batch.prompt_list(), batch.prompt_ids, batch.states, batch.times, batch.log_probs)
         totals: dict[str, float] = {}
         for _ in range(self.settings.updates_per_batch):
             for k, v in self._optimizer_step(scored).items():
@@ -99,9 +99,8 @@ class Learner:
             if train_actor:
                 (losses.sum() / n).backward()
             loss_sum += float(losses.detach().sum())
-            for k in ("fm", "w2"):
-                if k in st:
-                    sums[k] = sums.get(k, 0.0) + float(st[k]) * losses.shape[0]
+            for k, v in st.items():  # the objective's statistics, row-weighted over micro-batches
+                sums[k] = sums.get(k, 0.0) + float(v) * losses.shape[0]
         grad_norm = 0.0
         if train_actor:
             grad_norm = float(nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))

@@ -26,8 +26,10 @@ from learner.objectives import orw_cfm_w2_loss
 from learner.objectives.ac_flow import ac_flow_actor_loss, critic_regression_loss, critic_weights
 from learner.objectives.advantage_flow import advantage_flow_loss, check_convexity
 from learner.objectives.diffusion_nft import diffusion_nft_loss, nft_optimality
+from learner.objectives.flow_grpo import flow_grpo_loss
 from learner.settings import LearnerSettings, TrackerParams
 from samplers.flow import data_prediction, interpolate, sample_training_times, velocity_target
+from samplers.sde import gaussian_log_prob, grid_t_max, sde_step_mean_std
 from samplers.text import PromptEmbeddings
 
 if TYPE_CHECKING:
@@ -40,13 +42,17 @@ Prepared = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class Batch:
     """A scored batch. x0 (B, C, H, W); cond B rows; rewards (B,); prompts B strings;
-    prompt_ids (B,) int64 (equal ids = same prompt)."""
+    prompt_ids (B,) int64 (equal ids = same prompt); for SDE rollouts also the recorded
+    states (B, K + 1, C, H, W), times (K + 1,) and per-step log_probs (B, K)."""
 
     x0: torch.Tensor
     cond: PromptEmbeddings
     rewards: torch.Tensor
     prompts: list[str]
     prompt_ids: torch.Tensor
+    states: torch.Tensor | None = None
+    times: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
 
 
 def cond_of(p: Prepared) -> PromptEmbeddings:
@@ -142,7 +148,7 @@ class ACFlowRule:
         else:
             w = critic_weights(adv, family=self.p.weighting, tau=self.p.tau)
         prep["weights"] = w
-        stats = {"adv_std": float(adv.std()), "clip_fraction": clip_frac, "warmup": float(warming),
+        stats = {"adv_std": float(adv.std()), "adv_clip_fraction": clip_frac, "warmup": float(warming),
                  "ess": float(w.sum() ** 2 / (w.numel() * w.pow(2).sum())) if w.sum() > 0 else 0.0,
                  "zero_spread_groups": tstats["zero_spread_groups"]}
         return prep, stats, not (warming and self.p.warmup_actor == "frozen")
@@ -201,7 +207,7 @@ class _TrackedRule:
     def advantages(self, b: Batch, a_max: float) -> tuple[torch.Tensor, dict[str, float]]:
         adv, tstats = self.tracker.normalize(b.prompts, b.rewards)
         adv, frac = clip_advantages(adv, a_max)
-        return adv, {"adv_std": float(adv.std()), "clip_fraction": frac,
+        return adv, {"adv_std": float(adv.std()), "adv_clip_fraction": frac,
                      "zero_spread_groups": tstats["zero_spread_groups"]}
 
 
@@ -251,6 +257,48 @@ class DiffusionNFTRule(_TrackedRule):
                                   v_ref=mb["v_ref"] if self.p.ref_weight > 0 else None, ref_weight=self.p.ref_weight)
 
 
+class FlowGRPORule(_TrackedRule):
+    """Flow-GRPO: the clipped ratio of each recorded SDE step, plus a KL to the reference.
+
+    Every (sample, step) pair is one row, so micro-batches cut across steps freely.
+    """
+
+    def __init__(self, s: LearnerSettings) -> None:
+        self.p = s.flow_grpo
+        self.tracker = _tracker(self.p.tracker)
+
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        if b.states is None or b.log_probs is None or b.times is None or b.states.shape[1] < 2:
+            raise ValueError("flow_grpo needs SDE rollouts with recorded states and log-probs "
+                             "(policy.sampler: sde, rollout.keep_states: true)")
+        adv, stats = self.advantages(b, self.p.advantage_clip)
+        bsz, k = b.log_probs.shape
+        rows = bsz * k
+        flat = lambda x: x.reshape(rows, *x.shape[2:])  # noqa: E731 - (B, K, ...) → (B·K, ...)
+        prep = {
+            "x_t": flat(b.states[:, :-1]), "x_s": flat(b.states[:, 1:]),
+            "t": b.times[:-1].repeat(bsz), "s": b.times[1:].repeat(bsz),
+            "old_log_prob": b.log_probs.reshape(rows), "advantages": adv.repeat_interleave(k),
+            "tokens": b.cond.tokens.repeat_interleave(k, 0), "pooled": b.cond.pooled.repeat_interleave(k, 0),
+            "t_max": torch.full((rows,), grid_t_max(b.times)),
+        }
+        return prep, stats, True
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c, t_max = cond_of(mb), float(mb["t_max"][0])
+        mean, std = sde_step_mean_std(mb["x_t"], mb["t"], mb["s"], ln.policy(mb["x_t"], mb["t"], c),
+                                      self.p.sde_a, t_max=t_max)
+        log_prob = gaussian_log_prob(mb["x_s"], mean, std)
+        mean_ref = None
+        if self.p.kl_beta > 0:
+            with torch.no_grad():
+                mean_ref, _ = sde_step_mean_std(mb["x_t"], mb["t"], mb["s"], ln.reference(mb["x_t"], mb["t"], c),
+                                                self.p.sde_a, t_max=t_max)
+        return flow_grpo_loss(log_prob, mb["old_log_prob"], mb["advantages"], clip_eps=self.p.clip_eps,
+                              mean_theta=mean, mean_ref=mean_ref, std=std if self.p.kl_beta > 0 else None,
+                              kl_beta=self.p.kl_beta)
+
+
 def build_rule(s: LearnerSettings, in_channels: int, cond_dim: int) -> Rule:
     """The rule for ``s.objective``; an unknown name lists the valid ones."""
     table = {
@@ -258,6 +306,7 @@ def build_rule(s: LearnerSettings, in_channels: int, cond_dim: int) -> Rule:
         "ac_flow": lambda: ACFlowRule(s, in_channels, cond_dim),
         "advantage_flow": lambda: AdvantageFlowRule(s),
         "diffusion_nft": lambda: DiffusionNFTRule(s),
+        "flow_grpo": lambda: FlowGRPORule(s),
     }
     if s.objective not in table:
         raise ValueError(f"unknown objective {s.objective!r}; valid: {', '.join(sorted(table))}")

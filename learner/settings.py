@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ObjectiveName = Literal["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft"]
-OBJECTIVE_NAMES: tuple[str, ...] = ("orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft")
+ObjectiveName = Literal["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft", "flow_grpo"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,17 @@ class DiffusionNFTParams:
 
 
 @dataclass(frozen=True)
+class FlowGRPOParams:
+    """Flow-GRPO [paper][code]: clipped ratio per SDE step, KL to the reference."""
+
+    sde_a: float = 0.7
+    clip_eps: float = 1e-4
+    kl_beta: float = 0.04
+    advantage_clip: float = 5.0
+    tracker: TrackerParams = field(default_factory=lambda: TrackerParams(global_std=True))
+
+
+@dataclass(frozen=True)
 class LearnerSettings:
     """Optimisation settings and the chosen objective's parameters."""
 
@@ -80,6 +90,7 @@ class LearnerSettings:
     ac_flow: ACFlowParams = field(default_factory=ACFlowParams)
     advantage_flow: AdvantageFlowParams = field(default_factory=AdvantageFlowParams)
     diffusion_nft: DiffusionNFTParams = field(default_factory=DiffusionNFTParams)
+    flow_grpo: FlowGRPOParams = field(default_factory=FlowGRPOParams)
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -9,6 +9,7 @@ import torch
 
 from samplers.policy import SD3Velocity, state_checksum
 from samplers.rollout import euler_rollout
+from samplers.sde import sde_rollout
 from samplers.text import PromptEmbeddings
 from samplers.trajectory import Trajectory
 
@@ -37,7 +38,11 @@ class Sampler:
         shift: float = 1.0,
         cfg_scale: float = 1.0,
         keep_states: bool = True,
+        kind: str = "ode",
+        sde_a: float = 0.7,
     ) -> None:
+        if kind not in ("ode", "sde"):
+            raise ValueError(f"unknown sampler kind {kind!r}; valid: 'ode', 'sde'")
         self.velocity = velocity.eval().requires_grad_(False)
         self.encode = encode
         self.decode = decode
@@ -46,6 +51,8 @@ class Sampler:
         self.shift = shift
         self.cfg_scale = cfg_scale
         self.keep_states = keep_states
+        self.kind = kind
+        self.sde_a = sde_a
         self.version = 0
         self.checksum = state_checksum(self.velocity.state_dict())
 
@@ -76,11 +83,22 @@ class Sampler:
         prompt_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
         cond = self.encode(list(prompts)).index(prompt_ids)
         uncond = self.encode([""] * len(prompt_ids)) if cfg != 1.0 else None
-        states, times = euler_rollout(
-            self.velocity, noise, cond, num_steps=self.num_steps, shift=self.shift,
-            cfg_scale=cfg, uncond=uncond, keep_states=self.keep_states,
-        )
+        log_probs = None
+        if self.kind == "sde":
+            # step noise from one generator seeded by all the prompts' seeds: SDE batches,
+            # unlike ODE ones, depend on how prompts are divided among samplers
+            g = torch.Generator().manual_seed(int(sum(int(z) * (i + 1) for i, z in enumerate(seeds)) % (2**63)))
+            states, times, log_probs = sde_rollout(
+                self.velocity, noise, cond, num_steps=self.num_steps, shift=self.shift, a=self.sde_a,
+                cfg_scale=cfg, uncond=uncond, generator=g,
+            )
+        else:
+            states, times = euler_rollout(
+                self.velocity, noise, cond, num_steps=self.num_steps, shift=self.shift,
+                cfg_scale=cfg, uncond=uncond, keep_states=self.keep_states,
+            )
         return Trajectory(
             noise=noise, states=states, times=times, images=self.decode(states[:, -1]),
             prompt_ids=prompt_ids, prompts=tuple(prompts), version=self.version, cfg_scale=cfg,
+            log_probs=log_probs,
         )

@@ -18,6 +18,7 @@ from learner.settings import (
     ACFlowParams,
     AdvantageFlowParams,
     DiffusionNFTParams,
+    FlowGRPOParams,
     LearnerSettings,
     ObjectiveName,
     ORWParams,
@@ -55,6 +56,8 @@ class PolicyConfig(_Strict):
     num_steps: int = Field(10, ge=1, le=1000, description="Euler steps per rollout.")
     shift: float = Field(1.0, gt=0, description="SD3 time shift of the sampling schedule (SD3 uses 3.0).")
     cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance scale of training rollouts (1 = CFG-free).")
+    sampler: Literal["ode", "sde"] = Field("ode", description="Euler ODE rollouts, or Flow-GRPO's SDE with per-step log-probs.")
+    sde_a: float = Field(0.7, gt=0, description="Noise level a of the SDE sampler: σ_t = a·sqrt(t/(1 − t)).")
 
 
 class RolloutConfig(_Strict):
@@ -147,12 +150,20 @@ class DiffusionNFTConfig(_Strict):
     tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
 
 
+class FlowGRPOConfig(_Strict):
+    clip_eps: float = Field(1e-4, gt=0, description="ε of the clipped ratio (Flow-GRPO: 1e-4).")
+    kl_beta: float = Field(0.04, ge=0, description="β of the KL to the reference (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore).")
+    advantage_clip: float = Field(5.0, gt=0, description="Advantages clipped to ±A_max.")
+    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
+
+
 class AlgorithmConfig(_Strict):
     name: ObjectiveName = Field("orw_cfm_w2", description="The objective (docs/algorithms.md); its section below applies.")
     orw: ORWConfig = Field(default_factory=ORWConfig)
     ac_flow: ACFlowConfig = Field(default_factory=ACFlowConfig)
     advantage_flow: AdvantageFlowConfig = Field(default_factory=AdvantageFlowConfig)
     diffusion_nft: DiffusionNFTConfig = Field(default_factory=DiffusionNFTConfig)
+    flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
 
 
 class LearnerConfig(_Strict):
@@ -202,6 +213,16 @@ class TrainConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
+    def _sampler_fits(self) -> TrainConfig:
+        if self.algorithm.name == "flow_grpo":
+            if self.policy.sampler != "sde":
+                raise ValueError("algorithm flow_grpo needs policy.sampler: sde (it trains on per-step log-probs)")
+            if self.policy.cfg_scale != 1.0 or not self.rollout.keep_states:
+                raise ValueError("algorithm flow_grpo needs CFG-free rollouts (policy.cfg_scale: 1) "
+                                 "that keep their states (rollout.keep_states: true)")
+        return self
+
+    @model_validator(mode="after")
     def _split(self) -> TrainConfig:
         if self.reward.name == "digits_classifier":
             from reward_workers.digits import prompt_digit
@@ -226,6 +247,9 @@ class TrainConfig(_Strict):
             objective=a.name, orw=tracked(ORWParams, a.orw), ac_flow=tracked(ACFlowParams, a.ac_flow),
             advantage_flow=tracked(AdvantageFlowParams, a.advantage_flow),
             diffusion_nft=tracked(DiffusionNFTParams, a.diffusion_nft),
+            flow_grpo=FlowGRPOParams(sde_a=self.policy.sde_a, clip_eps=a.flow_grpo.clip_eps, kl_beta=a.flow_grpo.kl_beta,
+                                     advantage_clip=a.flow_grpo.advantage_clip,
+                                     tracker=TrackerParams(**a.flow_grpo.tracker.model_dump())),
             lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
             warmup_steps=ln.warmup_steps, micro_batch_size=ln.micro_batch_size,
             updates_per_batch=ln.updates_per_batch, rollout_refresh_every=ln.rollout_refresh_every,

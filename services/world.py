@@ -36,7 +36,7 @@ def build_sampler(cfg: TrainConfig) -> Sampler:
     return Sampler(
         velocity, encoder.encode, digits.to_uint8, digits.IMAGE_SHAPE,
         num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=cfg.policy.cfg_scale,
-        keep_states=cfg.rollout.keep_states,
+        keep_states=cfg.rollout.keep_states, kind=cfg.policy.sampler, sde_a=cfg.policy.sde_a,
     )
 
 

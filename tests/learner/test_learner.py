@@ -129,3 +129,25 @@ def test_ac_flow_checkpoint_restores_critic_and_tracker(tmp_path):
     assert sa == sb
     for pa, pb in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_flow_grpo_on_recorded_sde_rollouts():
+    from learner.settings import FlowGRPOParams
+    from samplers.digits import IMAGE_SHAPE, to_uint8
+    from samplers.sampler import Sampler
+
+    sampler = Sampler(tiny_velocity(), table_encode, to_uint8, IMAGE_SHAPE, num_steps=3, kind="sde", sde_a=0.7)
+    traj = sampler.rollout(["a handwritten one", "a handwritten two"], 4, [1, 2])
+    assert traj.log_probs.shape == (8, 3)
+    params = FlowGRPOParams(sde_a=0.7, clip_eps=0.2, kl_beta=0.04)
+    a = _learner(objective="flow_grpo", flow_grpo=params, micro_batch_size=24, lr=1e-2)
+    b = _learner(objective="flow_grpo", flow_grpo=params, micro_batch_size=5, lr=1e-2)
+    # same weights as the sampler: every ratio is exactly 1 on the first step
+    sa = a.update(traj, REWARDS)
+    assert sa["grad_norm"] > 0 and sa["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and sa["clip_fraction"] == 0
+    b.update(traj, REWARDS)
+    for pa, pb in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    ode = Sampler(tiny_velocity(), table_encode, to_uint8, IMAGE_SHAPE, num_steps=3).rollout(["a handwritten one"], 8, [1])
+    with pytest.raises(ValueError, match="needs SDE rollouts"):
+        a.update(ode, REWARDS)

@@ -1,5 +1,7 @@
 """Config loading: YAML + overrides, and rejection messages that name the problem."""
 
+from pathlib import Path
+
 import pytest
 
 from services.config import ConfigError, load_config, parse_override
@@ -28,6 +30,7 @@ def test_shipped_config_loads():
     ("algorithm.orw.alpha=-0.5", "algorithm.orw.alpha: Input should be greater than or equal to 0"),
     ("algorithm.name=ppo", "algorithm.name: Input should be 'orw_cfm_w2', 'ac_flow'"),
     ("algorithm.advantage_flow.gamma=0.5", "γ + λ − A_max"),
+    ("algorithm.name=flow_grpo", "flow_grpo needs policy.sampler: sde"),
     ("algorithm.ac_flow.tracker.min_count=64", "min_count=64 exceeds buffer_size=32"),
     ("algorithm.ac_flow.weighting=cubic", "algorithm.ac_flow.weighting: Input should be 'exp', 'linear' or 'softplus'"),
     ("rollout.prompts=[]", "rollout.prompts: the prompt list is empty"),
@@ -53,3 +56,10 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(bad)
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_maps_to_learner_settings(path):
+    cfg = load_config(path)
+    settings = cfg.learner_settings()
+    assert settings.objective == cfg.algorithm.name
