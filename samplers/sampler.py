@@ -68,14 +68,20 @@ class Sampler:
 
     def rollout(
         self, prompts: Sequence[str], samples_per_prompt: int, seeds: Sequence[int],
-        cfg_scale: float | None = None,
+        cfg_scale: float | None = None, kind: str | None = None,
     ) -> Trajectory:
-        """``samples_per_prompt`` rollouts of each prompt, noise for prompt i from seeds[i]."""
+        """``samples_per_prompt`` rollouts of each prompt, noise for prompt i from seeds[i].
+
+        ``cfg_scale`` and ``kind`` override the sampler's own for this call (evaluation
+        always uses the deterministic ODE, whatever the training rollouts use)."""
         if not prompts:
             raise ValueError("rollout needs at least one prompt")
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cfg = self.cfg_scale if cfg_scale is None else cfg_scale
+        kind = self.kind if kind is None else kind
+        if kind not in ("ode", "sde"):
+            raise ValueError(f"unknown sampler kind {kind!r}; valid: 'ode', 'sde'")
         noise = torch.cat([
             torch.randn((samples_per_prompt, *self.latent_shape), generator=torch.Generator().manual_seed(int(s)))
             for s in seeds
@@ -84,7 +90,7 @@ class Sampler:
         cond = self.encode(list(prompts)).index(prompt_ids)
         uncond = self.encode([""] * len(prompt_ids)) if cfg != 1.0 else None
         log_probs = None
-        if self.kind == "sde":
+        if kind == "sde":
             # step noise from one generator seeded by all the prompts' seeds: SDE batches,
             # unlike ODE ones, depend on how prompts are divided among samplers
             g = torch.Generator().manual_seed(int(sum(int(z) * (i + 1) for i, z in enumerate(seeds)) % (2**63)))

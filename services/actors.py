@@ -30,8 +30,8 @@ class SamplerWorker:
         return self.sampler.apply(payload.version, payload.state, payload.checksum)
 
     def rollout(self, prompts: list[str], samples_per_prompt: int, seeds: list[int],
-                cfg_scale: float | None = None) -> Trajectory:
-        return self.sampler.rollout(prompts, samples_per_prompt, seeds, cfg_scale)
+                cfg_scale: float | None = None, kind: str | None = None) -> Trajectory:
+        return self.sampler.rollout(prompts, samples_per_prompt, seeds, cfg_scale, kind)
 
     def version(self) -> tuple[int, str]:
         return self.sampler.version, self.sampler.checksum

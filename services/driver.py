@@ -73,11 +73,11 @@ class Stages:
     learner: Any
 
     def rollout(self, prompts: list[str], samples_per_prompt: int, seeds: list[int],
-                cfg_scale: float | None = None) -> list[Any]:
+                cfg_scale: float | None = None, kind: str | None = None) -> list[Any]:
         """Trajectory refs, the prompts divided among samplers (the order is kept)."""
         pairs = list(zip(prompts, seeds, strict=True))
         return [
-            s.rollout.remote([p for p, _ in chunk], samples_per_prompt, [z for _, z in chunk], cfg_scale)
+            s.rollout.remote([p for p, _ in chunk], samples_per_prompt, [z for _, z in chunk], cfg_scale, kind)
             for s, chunk in zip(self.samplers, split_evenly(pairs, len(self.samplers)), strict=True)
             if chunk
         ]
@@ -96,11 +96,12 @@ class Stages:
 
 
 def evaluate(stages: Stages, cfg: TrainConfig, version: int, svm: HeldoutSVM) -> Evaluation:
-    """CFG-free samples of every prompt from fixed noise, scored by the reward and the SVM."""
+    """CFG-free ODE samples of every prompt from fixed noise, scored by the reward and the SVM
+    (the same measurement whichever sampler the algorithm trains with)."""
     prompts = list(dict.fromkeys(cfg.rollout.prompts))
     n = cfg.eval.samples_per_prompt
     seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
-    refs = stages.rollout(prompts, n, seeds, cfg_scale=1.0)
+    refs = stages.rollout(prompts, n, seeds, cfg_scale=1.0, kind="ode")
     scored = ray.get(stages.reward.score.remote(*refs))
     flat = np.concatenate([t.images for t in ray.get(refs)])
     images = flat.reshape(len(prompts), n, *flat.shape[1:])

@@ -66,3 +66,14 @@ def test_pixel_round_trip_and_velocity_file(tmp_path):
     v = tiny_velocity(3)
     save_velocity(v, tmp_path / "p.safetensors")
     assert state_checksum(load_velocity(tmp_path / "p.safetensors").state_dict()) == state_checksum(v.state_dict())
+
+
+def test_sde_sampler_records_log_probs_and_evaluation_can_ask_for_the_ode():
+    s = _sampler(kind="sde")
+    sde = s.rollout(["a handwritten one"], 3, [5])
+    assert sde.log_probs is not None and sde.log_probs.shape == (3, 4)
+    ode = s.rollout(["a handwritten one"], 3, [5], kind="ode")
+    torch.testing.assert_close(ode.samples, _sampler().rollout(["a handwritten one"], 3, [5]).samples)
+    assert ode.log_probs is None
+    with pytest.raises(ValueError, match="unknown sampler kind"):
+        s.rollout(["a handwritten one"], 1, [5], kind="langevin")
