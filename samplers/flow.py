@@ -19,7 +19,7 @@ import torch
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def broadcast_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample time (B,) or scalar so it broadcasts over ``like`` (B, ...)."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     if t.ndim == 0:
@@ -29,7 +29,7 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 − t)·x0 + t·ε, with ``t`` of shape (B,) or a scalar."""
-    tb = _bcast(t, x0)
+    tb = broadcast_time(t, x0)
     return (1.0 - tb) * x0 + tb * noise
 
 
@@ -40,12 +40,12 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def data_prediction(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """x0̂ = x_t − t·v."""
-    return x_t - _bcast(t, x_t) * v
+    return x_t - broadcast_time(t, x_t) * v
 
 
 def euler_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One Euler step of the probability-flow ODE from time t to time s < t."""
-    return x_t + (_bcast(s, x_t) - _bcast(t, x_t)) * v
+    return x_t + (broadcast_time(s, x_t) - broadcast_time(t, x_t)) * v
 
 
 def to_model_timestep(t: torch.Tensor) -> torch.Tensor:

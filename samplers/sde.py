@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from samplers.flow import _bcast, sampling_sigmas
+from samplers.flow import broadcast_time, sampling_sigmas
 from samplers.policy import VelocityModel
 from samplers.rollout import guided_velocity
 from samplers.text import PromptEmbeddings
@@ -97,8 +97,8 @@ def sde_step_mean_std(
     std = σ_t·sqrt(t − s), shaped to broadcast over x_t: (B, 1, 1, 1) or a scalar.
     """
     x_t, v = _wide(x_t), _wide(v)
-    tb = _bcast(torch.as_tensor(t), x_t)
-    dt = _bcast(torch.as_tensor(s), x_t) - tb
+    tb = broadcast_time(torch.as_tensor(t), x_t)
+    dt = broadcast_time(torch.as_tensor(s), x_t) - tb
     sigma = sde_sigma(tb, a, t_max=t_max)
     mean = x_t + (v + sigma.pow(2) / (2.0 * tb) * (x_t + (1.0 - tb) * v)) * dt
     return mean, sigma * torch.sqrt(-dt)
