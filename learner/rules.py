@@ -27,6 +27,7 @@ from learner.objectives.ac_flow import ac_flow_actor_loss, critic_regression_los
 from learner.objectives.advantage_flow import advantage_flow_loss, check_convexity
 from learner.objectives.diffusion_nft import diffusion_nft_loss, nft_optimality
 from learner.objectives.flow_grpo import flow_grpo_loss
+from learner.objectives.weighted import effective_sample_size
 from learner.settings import LearnerSettings, TrackerParams
 from samplers.flow import data_prediction, interpolate, sample_training_times, velocity_target
 from samplers.sde import gaussian_log_prob, grid_t_max, sde_step_mean_std
@@ -109,7 +110,7 @@ class ORWRule(_Stateless):
         # the batch-normalised option divides by the whole batch's mean weight
         norm = w.mean() if self.p.normalize_weights else torch.tensor(1.0)
         prep["normalizer"] = norm.expand(b.x0.shape[0])
-        return prep, {"ess": float(w.sum() ** 2 / (w.numel() * w.pow(2).sum()))}, True
+        return prep, {"ess": float(effective_sample_size(w))}, True
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = cond_of(mb)
@@ -149,7 +150,7 @@ class ACFlowRule:
             w = critic_weights(adv, family=self.p.weighting, tau=self.p.tau)
         prep["weights"] = w
         stats = {"adv_std": float(adv.std()), "adv_clip_fraction": clip_frac, "warmup": float(warming),
-                 "ess": float(w.sum() ** 2 / (w.numel() * w.pow(2).sum())) if w.sum() > 0 else 0.0,
+                 "ess": float(effective_sample_size(w)) if w.sum() > 0 else 0.0,
                  "zero_spread_groups": tstats["zero_spread_groups"]}
         return prep, stats, not (warming and self.p.warmup_actor == "frozen")
 
