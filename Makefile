@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fmrl-installed
 # CPU torch from this machine's local wheel folder when there is one; the constraint
 # lives here, not in pyproject.toml, so GPU users keep their CUDA build of torch.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-CONFIG ?= configs/digits_orw.yaml
+CONFIG ?= configs/digits_ac_flow.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint redis assets clean-runs

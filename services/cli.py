@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_name(path: str | None) -> str:
-    return Path(path).stem if path else "digits_orw"
+    return Path(path).stem if path else "digits_ac_flow"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

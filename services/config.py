@@ -158,7 +158,7 @@ class FlowGRPOConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
-    name: ObjectiveName = Field("orw_cfm_w2", description="The objective (docs/algorithms.md); its section below applies.")
+    name: ObjectiveName = Field("ac_flow", description="The objective (docs/algorithms.md); its section below applies.")
     orw: ORWConfig = Field(default_factory=ORWConfig)
     ac_flow: ACFlowConfig = Field(default_factory=ACFlowConfig)
     advantage_flow: AdvantageFlowConfig = Field(default_factory=AdvantageFlowConfig)

@@ -23,6 +23,17 @@ def test_shipped_config_loads():
     assert cfg.algorithm.name == "orw_cfm_w2" and len(cfg.rollout.prompts) == 10
 
 
+def test_make_run_default_is_ac_flow_and_equals_the_tree_defaults():
+    """`make run`'s config is AC-Flow, and it spells out the tree's defaults: the other
+    digits configs, which state only their algorithm, differ from it in nothing else."""
+    assert "CONFIG ?= configs/digits_ac_flow.yaml" in Path("Makefile").read_text()
+    shipped = load_config("configs/digits_ac_flow.yaml").model_dump()
+    tree = load_config(None).model_dump()
+    assert shipped["algorithm"]["name"] == tree["algorithm"]["name"] == "ac_flow"
+    shipped["rollout"]["prompts_per_iteration"] = None  # 10 of 10 prompts = all (null)
+    assert shipped == tree
+
+
 @pytest.mark.parametrize("override,message", [
     ("algorithm.orw.taux=1", "unknown key 'algorithm.orw.taux'"),
     ("bogus.x=1", "unknown key 'bogus'"),
