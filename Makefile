@@ -40,6 +40,7 @@ lint: setup
 assets: setup
 	$(VENV)/bin/fmrl train-classifier
 	$(VENV)/bin/fmrl pretrain-digits
+	$(VENV)/bin/fmrl train-digits-clip
 
 clean-runs:
 	rm -rf runs/

@@ -16,7 +16,8 @@ import torch
 from learner.learner import WeightsPayload
 from samplers.trajectory import Trajectory
 from services.config import ResourcesConfig, TrainConfig
-from services.world import build_learner, build_reward, build_sampler
+from services.rewards import RewardStage, component_means
+from services.world import build_learner, build_sampler
 
 
 class SamplerWorker:
@@ -40,24 +41,20 @@ class SamplerWorker:
 class RewardWorker:
     def __init__(self, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
-        self.reward = build_reward(cfg.reward)
+        self.stage = RewardStage(cfg.reward)
 
     def score(self, *parts: Trajectory) -> dict[str, np.ndarray]:
-        """Scores of the concatenated batches: ``scores`` (B,) and the reward's details."""
+        """Scores of the concatenated batches: ``scores`` (B,), each component's and their details."""
         images = np.concatenate([p.images for p in parts])
         prompts = [s for p in parts for s in p.prompt_list()]
-        out = self.reward(images, prompts)
-        scores = np.asarray(out.scores, dtype=np.float64)
-        if scores.shape != (len(prompts),) or not np.isfinite(scores).all():
-            raise ValueError(f"reward {self.reward.name} returned bad scores: shape {scores.shape}, "
-                             f"{int((~np.isfinite(scores)).sum())} non-finite")
-        return {"scores": scores, **out.details}
+        return self.stage.score(images, prompts)
 
 
 class LearnerWorker:
     def __init__(self, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
         self.learner = build_learner(cfg)
+        self.reward_cfg = cfg.reward
 
     def update(self, scored: dict[str, np.ndarray], *parts: Trajectory) -> dict[str, Any]:
         batch = Trajectory.concat(list(parts))
@@ -65,8 +62,9 @@ class LearnerWorker:
         stats = self.learner.update(batch, rewards)
         stats.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                      step=self.learner.step, version=self.learner.version)
-        if "correct" in scored:
-            stats["accuracy"] = float(np.mean(scored["correct"]))
+        stats.update(component_means(scored, self.reward_cfg))
+        if "digits_classifier/correct" in scored:
+            stats["accuracy"] = float(np.mean(scored["digits_classifier/correct"]))
         return stats
 
     def publish(self, current: bool = False) -> WeightsPayload:

@@ -1,4 +1,4 @@
-"""The ``fmrl`` command: train, sample, pretrain-digits, train-classifier, config."""
+"""The ``fmrl`` command: train, config, sample, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip."""
 
 from __future__ import annotations
 
@@ -99,8 +99,26 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_digits_clip(args: argparse.Namespace) -> int:
+    from reward_workers.digits_clip import save_digits_clip, train_digits_clip
+
+    model, processor, metrics = train_digits_clip(steps=args.steps, seed=args.seed)
+    out = save_digits_clip(model, processor, Path(args.out), metrics=metrics, steps=args.steps, seed=args.seed)
+    for template, acc in metrics.items():
+        print(f"held-out zero-shot accuracy {acc:.4f}  {template!r}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_reward_worker(args: argparse.Namespace) -> int:
+    from reward_workers.service import main as service_main
+
+    return int(service_main(args.service_args, prog="fmrl reward-worker") or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reward_workers.digits import CLASSIFIER_FILE
+    from reward_workers.registry import DIGITS_CLIP_DIR
     from samplers.digits import POLICY_FILE
 
     p = _Parser(prog="fmrl", description="Online RL fine-tuning of flow-matching text-to-image models.")
@@ -141,10 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--epochs", type=int, default=60)
     tc.add_argument("--seed", type=int, default=0)
     tc.set_defaults(func=cmd_train_classifier)
+
+    tcl = sub.add_parser("train-digits-clip", help="train the digits CLIP (the CLIP reward of the digits world)")
+    tcl.add_argument("--out", default=str(DIGITS_CLIP_DIR))
+    tcl.add_argument("--steps", type=int, default=1500)
+    tcl.add_argument("--seed", type=int, default=0)
+    tcl.set_defaults(func=cmd_train_digits_clip)
+
+    rw = sub.add_parser("reward-worker", add_help=False,
+                        help="serve a reward over Redis Streams (`fmrl reward-worker --help` for its options)")
+    rw.add_argument("service_args", nargs=argparse.REMAINDER)
+    rw.set_defaults(func=cmd_reward_worker)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reward-worker"]:  # its options are the service's own (argparse's REMAINDER drops --flags)
+        return cmd_reward_worker(argparse.Namespace(service_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

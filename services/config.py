@@ -178,8 +178,65 @@ class LearnerConfig(_Strict):
     rollout_ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema'.")
 
 
+RewardKind = Literal["digits_classifier", "clip", "pickscore", "aesthetic", "jpeg_compressibility",
+                     "jpeg_incompressibility", "target_image"]
+
+
+class RedisRewardConfig(_Strict):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss:// for TLS). "
+                     "Credentials belong in the FMRL_REDIS_URL environment variable, which wins when set, "
+                     "so they never land in a run's config.yaml.")
+    stream: str | None = Field(None, description="Request stream; default fmrl:reward:<kind>:requests, the one "
+                               "`fmrl reward-worker --reward <kind>` reads.")
+    timeout_s: float = Field(60.0, gt=0, description="Wait for a request's result this long before resubmitting it.")
+    attempts: int = Field(3, ge=1, description="Submissions of a request before the reward counts as unavailable.")
+    max_in_flight: int = Field(8, ge=1, description="Requests awaiting results at once.")
+    max_images_per_request: int = Field(64, ge=1, description="A batch is split into requests of at most this many images.")
+    encoding: Literal["png", "raw"] = Field("png", description="Image encoding on the wire (both lossless).")
+
+
+class RewardComponentConfig(_Strict):
+    kind: RewardKind = Field(description="The reward model (reward_workers/registry.py).")
+    name: str | None = Field(None, description="Label in metrics and reports; default: the kind. Unique per run.")
+    weight: float = Field(1.0, description="Weight of this component in the training reward Σ wᵢ·rᵢ.")
+    model_path: str | None = Field(None, description="Model directory or file (default: the kind's shipped model).")
+    transport: Literal["ray", "redis"] = Field("ray", description="Scored in the cluster's reward actor, or by "
+                                               "`fmrl reward-worker` services over Redis Streams.")
+    required: bool = Field(True, description="A required reward that stays unavailable stops the run; an optional "
+                           "one is left out of that batch's sum (counted).")
+    redis: RedisRewardConfig = Field(default_factory=RedisRewardConfig, description="Used when transport is redis.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("must be finite")
+        return v
+
+
 class RewardConfig(_Strict):
-    name: Literal["digits_classifier"] = Field("digits_classifier", description="The reward model.")
+    components: list[RewardComponentConfig] = Field(
+        default_factory=lambda: [RewardComponentConfig(kind="digits_classifier")],
+        description="The rewards summed into the training reward, each in-cluster or a Redis service.")
+
+    @model_validator(mode="after")
+    def _components(self) -> RewardConfig:
+        if not self.components:
+            raise ValueError("reward.components is empty: name at least one reward")
+        labels = [c.label for c in self.components]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"reward components need distinct names; repeated: {', '.join(dup)} (set name:)")
+        if not any(c.required for c in self.components):
+            raise ValueError("every reward component is optional: at least one must be required")
+        return self
+
+    def uses(self, kind: str) -> bool:
+        return any(c.kind == kind for c in self.components)
 
 
 class ResourcesConfig(_Strict):
@@ -224,7 +281,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _split(self) -> TrainConfig:
-        if self.reward.name == "digits_classifier":
+        if self.reward.uses("digits_classifier"):
             from reward_workers.digits import prompt_digit
 
             for p in self.rollout.prompts:

@@ -1,4 +1,4 @@
-"""Builds the parts a config names: policy, sampler, learner, rewards.
+"""Builds the parts a config names: policy, sampler, learner (rewards: services/rewards.py).
 
 The one place that knows which concrete classes a config value stands for, so the
 actors and the driver stay generic.
@@ -9,13 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from learner.learner import Learner
-from reward_workers.base import Reward
-from reward_workers.digits import DigitsClassifierReward
 from samplers import digits
 from samplers.policy import SD3Velocity, load_velocity
 from samplers.sampler import Sampler
 from samplers.text import PromptEncoder
-from services.config import PolicyConfig, RewardConfig, TrainConfig
+from services.config import PolicyConfig, TrainConfig
 
 
 def policy_checkpoint(cfg: PolicyConfig) -> Path:
@@ -43,13 +41,3 @@ def build_sampler(cfg: TrainConfig) -> Sampler:
 def build_learner(cfg: TrainConfig) -> Learner:
     velocity, encoder = load_policy(cfg.policy)
     return Learner(velocity, encoder.encode, cfg.learner_settings())
-
-
-REWARDS: dict[str, type] = {"digits_classifier": DigitsClassifierReward}
-
-
-def build_reward(cfg: RewardConfig) -> Reward:
-    try:
-        return REWARDS[cfg.name]()
-    except KeyError:
-        raise ValueError(f"unknown reward {cfg.name!r}; valid: {sorted(REWARDS)}") from None

@@ -1,6 +1,107 @@
 import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server this test session started; ``url`` reaches it (plain TCP)."""
+
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(workdir: Path, *args: str, port: int | None = None,
+                ready_port: int | None = None) -> RedisServer:
+    """Start ``redis-server`` on a free port (``args`` are extra config options) and wait
+    until it accepts TCP connections on ``ready_port`` (default: its port)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed; the reward-service tests need it: run `make redis` "
+                    "(or `apt-get install -y redis-server`)", pytrace=False)
+    port = free_port() if port is None else port
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"redis-{port}.log"
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--logfile", str(log), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(port, proc, log)
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            text = log.read_text() if log.exists() else ""
+            pytest.fail(f"redis-server exited with {proc.returncode}:\n{text[-2000:]}", pytrace=False)
+        try:
+            socket.create_connection(("127.0.0.1", ready_port or port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                pytest.fail("redis-server did not come up within 10 s", pytrace=False)
+            time.sleep(0.01)
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One plain redis-server for the session; tests flush it (see ``redis_url``)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, emptied for this test."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator:
+    """Start extra redis-servers with their own options (ACL users, TLS); stopped after the test."""
+    started: list[RedisServer] = []
+
+    def start(*args: str, **kw: object) -> RedisServer:
+        server = start_redis(tmp_path / "redis", *args, **kw)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

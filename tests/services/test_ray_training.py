@@ -4,37 +4,13 @@ import json
 
 import numpy as np
 import pytest
-import ray
-import torch
 
-from samplers.digits import DIGITS_TRANSFORMER_CONFIG
-from samplers.policy import build_sd3_velocity, save_velocity
-from services.config import load_config
 from services.driver import ensure_ray, split_evenly, train
-
-
-@pytest.fixture(scope="module")
-def small_policy(tmp_path_factory):
-    """A one-block policy of the digits shape (random weights): fast, and the real classes."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("policy") / "p.safetensors"
-    save_velocity(build_sd3_velocity(dict(DIGITS_TRANSFORMER_CONFIG, num_layers=1)), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from tests.services.conftest import short_config
 
 
 def _cfg(tmp_path, small_policy, **extra):
-    sets = [f"policy.checkpoint={small_policy}", f"run.out_dir={tmp_path}", "run.name=t", "run.iterations=4",
-            "run.progress=false", "rollout.samples_per_prompt=3", "rollout.prompts_per_iteration=4",
-            "eval.samples_per_prompt=2", "eval.grid_columns=2", "learner.lr=1e-3",
-            "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25", "resources.reward_cpus=0.25"]
-    return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
+    return short_config(tmp_path, small_policy, **extra)
 
 
 def test_split_evenly():

@@ -1,0 +1,89 @@
+"""One explicit table from a reward's kind (config, `fmrl reward-worker --reward`) to its builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from reward_workers.base import Reward
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DIGITS_CLIP_DIR = ASSETS / "digits_clip"
+AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
+
+
+def _required(kind: str, model_path: str | Path | None, what: str) -> Path:
+    if model_path is None:
+        raise ValueError(f"reward {kind!r} has no shipped model; set model_path to {what}")
+    return Path(model_path)
+
+
+def _no_model(kind: str, model_path: str | Path | None) -> None:
+    if model_path is not None:
+        raise ValueError(f"reward {kind!r} takes no model_path, got {model_path}")
+
+
+def _digits_classifier(model_path: str | Path | None) -> Reward:
+    from reward_workers.digits import CLASSIFIER_FILE, DigitsClassifierReward
+
+    return DigitsClassifierReward(model_path or CLASSIFIER_FILE)
+
+
+def _clip(model_path: str | Path | None) -> Reward:
+    from reward_workers.clip import CLIPScoreReward
+
+    return CLIPScoreReward(model_path or DIGITS_CLIP_DIR)
+
+
+def _pickscore(model_path: str | Path | None) -> Reward:
+    from reward_workers.clip import PreferenceReward
+
+    return PreferenceReward(model_path or DIGITS_CLIP_DIR)
+
+
+def _aesthetic(model_path: str | Path | None) -> Reward:
+    from reward_workers.aesthetic import AestheticReward
+
+    directory = _required("aesthetic", model_path,
+                          f"a directory holding a CLIP model and {AESTHETIC_HEAD_FILE}")
+    return AestheticReward(directory, directory / AESTHETIC_HEAD_FILE)
+
+
+def _jpeg_compressibility(model_path: str | Path | None) -> Reward:
+    from reward_workers.image_rewards import JpegCompressibility
+
+    _no_model("jpeg_compressibility", model_path)
+    return JpegCompressibility(sign=-1)
+
+
+def _jpeg_incompressibility(model_path: str | Path | None) -> Reward:
+    from reward_workers.image_rewards import JpegCompressibility
+
+    _no_model("jpeg_incompressibility", model_path)
+    return JpegCompressibility(sign=1)
+
+
+def _target_image(model_path: str | Path | None) -> Reward:
+    from reward_workers.image_rewards import TargetImageReward
+
+    return TargetImageReward(_required("target_image", model_path, "the target image (.npy or .png)"))
+
+
+REWARDS: dict[str, Callable[[str | Path | None], Reward]] = {
+    "digits_classifier": _digits_classifier,
+    "clip": _clip,
+    "pickscore": _pickscore,
+    "aesthetic": _aesthetic,
+    "jpeg_compressibility": _jpeg_compressibility,
+    "jpeg_incompressibility": _jpeg_incompressibility,
+    "target_image": _target_image,
+}
+
+
+def build_reward(kind: str, model_path: str | Path | None = None) -> Reward:
+    """The reward of ``kind`` loaded from ``model_path`` (its default when None)."""
+    try:
+        builder = REWARDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown reward {kind!r}; valid: {', '.join(sorted(REWARDS))}") from None
+    return builder(model_path)

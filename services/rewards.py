@@ -1,0 +1,89 @@
+"""The training reward: configured components, each in-cluster or a Redis service, summed.
+
+A component with ``transport: ray`` is loaded into the reward actor and called there; one
+with ``transport: redis`` is a :class:`reward_workers.client.RewardClient` that sends the
+images to `fmrl reward-worker` services. Components are scored concurrently, so one slow
+service does not serialise the others. The result is the weighted sum Σ wᵢ·rᵢ over the
+components that answered; an optional component that stays unavailable is left out of
+that batch (and flagged), a required one raises.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from reward_workers.base import RewardOutput
+from reward_workers.registry import build_reward
+from services.config import RewardComponentConfig, RewardConfig
+
+REDIS_URL_ENV = "FMRL_REDIS_URL"
+
+
+def build_component(c: RewardComponentConfig) -> Any:
+    """A callable ``(images, prompts) -> RewardOutput | None`` for one component."""
+    if c.transport == "ray":
+        return build_reward(c.kind, c.model_path)
+    from reward_workers.client import RewardClient
+
+    r = c.redis
+    return RewardClient(
+        os.environ.get(REDIS_URL_ENV) or r.url, c.kind, stream=r.stream,
+        timeout_s=r.timeout_s, attempts=r.attempts, max_in_flight=r.max_in_flight,
+        max_images_per_request=r.max_images_per_request, encoding=r.encoding, required=c.required,
+    )
+
+
+class RewardStage:
+    """Every configured reward, scored together; see the module docstring."""
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        self.components = [(c, build_component(c)) for c in cfg.components]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.components), thread_name_prefix="reward")
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
+        """``scores`` (B,) the weighted sum; ``<name>`` each component's (B,) scores,
+        ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch."""
+        outs = list(self._pool.map(lambda comp: _call(comp[1], images, prompts), self.components))
+        b = len(prompts)
+        total = np.zeros(b, dtype=np.float64)
+        result: dict[str, np.ndarray] = {}
+        for (c, _), out in zip(self.components, outs, strict=True):
+            label = c.label
+            result[f"{label}/available"] = np.full(b, 0.0 if out is None else 1.0)
+            if out is None:
+                continue
+            scores = _checked(label, out, b)
+            total += c.weight * scores
+            result[label] = scores
+            for k, v in out.details.items():
+                result[f"{label}/{k}"] = np.asarray(v, dtype=np.float64)
+        result["scores"] = total
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for _, comp in self.components:
+            if hasattr(comp, "close"):
+                comp.close()
+
+
+def _checked(label: str, out: RewardOutput, b: int) -> np.ndarray:
+    scores = np.asarray(out.scores, dtype=np.float64)
+    if scores.shape != (b,) or not np.isfinite(scores).all():
+        raise ValueError(f"reward {label} returned bad scores: shape {scores.shape} for {b} images, "
+                         f"{int((~np.isfinite(scores)).sum()) if scores.size else 0} non-finite")
+    return scores
+
+
+def component_means(scored: dict[str, np.ndarray], cfg: RewardConfig) -> dict[str, float]:
+    """Per-component batch means for the metrics (``reward/<name>``); absent ones are skipped."""
+    return {f"reward/{c.label}": float(scored[c.label].mean()) for c in cfg.components if c.label in scored}
+
+
+def _call(component: Any, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
+    """A reward is called; a Redis client's ``score`` may return None (optional, unavailable)."""
+    return component.score(images, prompts) if hasattr(component, "score") else component(images, prompts)

@@ -1,0 +1,456 @@
+"""The Redis reward service and its client against a real redis-server (tests/conftest.py).
+
+Worker processes are real `python -m reward_workers.service` subprocesses; the other tests run
+a RewardService on a thread of the test process, which is quicker to start.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from reward_workers.client import (
+    RedisUnreachable,
+    RewardClient,
+    RewardError,
+    RewardUnavailable,
+    connect,
+)
+from reward_workers.contract import RESULT_CONSUMED, StreamLayout, encode_request
+from reward_workers.digits import DIGIT_WORDS, DigitsClassifierReward, load_split
+from reward_workers.service import RewardService, ServiceConfig, main
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+REWARD = "digits_classifier"
+LAYOUT = StreamLayout.for_reward(REWARD)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Held-out digit images (N, 8, 8, 1) with prompts; every fifth prompt names a wrong digit
+    so scores spread over (0, 1)."""
+    split = load_split()
+    labels = [(y + 1) % 10 if i % 5 == 0 else y for i, y in enumerate(split.heldout_labels)]
+    return split.heldout_images[..., None], [f"a handwritten {DIGIT_WORDS[y]}" for y in labels]
+
+
+@pytest.fixture(scope="module")
+def reward_model():
+    return DigitsClassifierReward()
+
+
+def sample(name, labels=None):
+    value = REGISTRY.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+@contextmanager
+def serving(url, reward_model, **config):
+    """A RewardService on a thread of this process."""
+    cfg = dict(reward=REWARD, block_ms=100, consumer="thread-worker") | config
+    service = RewardService(reward_model, connect(url), ServiceConfig(**cfg))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        service.stop_event.set()
+        thread.join(10)
+        assert not thread.is_alive(), "the service thread did not stop"
+
+
+class Workers:
+    """`python -m reward_workers.service` subprocesses of one test; killed at its end."""
+
+    def __init__(self, url, tmp_path):
+        self.url, self.tmp_path, self.procs = url, tmp_path, {}
+
+    def start(self, consumer, *args):
+        log = open(self.tmp_path / f"{consumer}.log", "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reward_workers.service", "--reward", REWARD, "--redis-url", self.url,
+             "--consumer", consumer, "--block-ms", "200", *args],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs[consumer] = proc
+        return proc
+
+    def log(self, consumer):
+        return (self.tmp_path / f"{consumer}.log").read_text(errors="replace")
+
+    def wait_blocked(self, r, consumer, timeout=60):
+        """Until the worker waits in XREADGROUP (it is up and holds nothing)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[consumer].poll() is not None:
+                pytest.fail(f"worker {consumer} exited early:\n{self.log(consumer)[-3000:]}")
+            if self.is_blocked(r, consumer):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"worker {consumer} not serving after {timeout} s:\n{self.log(consumer)[-3000:]}")
+
+    @staticmethod
+    def is_blocked(r, consumer):
+        return any(c["name"] == f"fmrl-reward-{consumer}" and c["cmd"] == "xreadgroup"
+                   and "b" in c["flags"] for c in r.client_list())
+
+    def kill_all(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(redis_url, tmp_path):
+    w = Workers(redis_url, tmp_path)
+    yield w
+    w.kill_all()
+
+
+def assert_all_consumed_once(r, n_requests):
+    """Every request has exactly one result key, taken by its client, and nothing is left over."""
+    keys = list(r.scan_iter(LAYOUT.result_key("*")))
+    assert len(keys) == n_requests
+    assert all(v == RESULT_CONSUMED for v in r.mget(keys)), "a result was never consumed"
+    assert r.xlen(LAYOUT.requests) == 0
+    assert r.xpending(LAYOUT.requests, LAYOUT.group)["pending"] == 0
+    assert r.xlen(LAYOUT.dead) == 0
+
+
+def assert_same_scores(out, reward_model, images, prompts):
+    ref = reward_model(images, prompts)
+    np.testing.assert_allclose(out.scores, ref.scores, rtol=0, atol=1e-12)
+    assert out.details.keys() == ref.details.keys()
+    for k in ref.details:
+        np.testing.assert_array_equal(out.details[k], ref.details[k])
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def test_workers_killed_or_replaced_mid_run_lose_nothing(redis_url, workers, digits, reward_model):
+    """Two phases on the same stream, sharing worker B (each worker start costs seconds of CPU):
+
+    1. workers A and B; A is SIGKILLed while it holds pending entries; B reclaims them;
+    2. B is replaced mid-stream: SIGTERM (it finishes its batch, acks, exits 0), C takes over.
+    Each time every request is scored once, its result consumed once, scores as in-process.
+    """
+    r = redis.Redis.from_url(redis_url)
+    port = free_port()
+    common = ("--claim-idle-s", "1", "--batch", "2")
+    workers.start("w-a", *common, "--block-ms", "4000")
+    workers.start("w-b", *common, "--metrics-port", str(port))
+    workers.wait_blocked(r, "w-b")
+
+    # -- phase 1: freeze A inside its blocking XREADGROUP: Redis still hands it entries, which
+    # it never acks; then SIGKILL it
+    for _ in range(5):
+        workers.wait_blocked(r, "w-a")
+        os.kill(workers.procs["w-a"].pid, signal.SIGSTOP)
+        if workers.is_blocked(r, "w-a"):
+            break
+        os.kill(workers.procs["w-a"].pid, signal.SIGCONT)  # stopped between two reads: again
+    else:
+        pytest.fail("could not freeze worker A inside XREADGROUP")
+    images, prompts = digits[0][:320], digits[1][:320]
+    client = RewardClient(redis_url, REWARD, max_images_per_request=4, max_in_flight=8,
+                          timeout_s=10, attempts=3, encoding="raw")
+    got = {}
+    run = threading.Thread(target=lambda: got.update(out=client.score(images, prompts)))
+    run.start()
+    deadline = time.monotonic() + 20
+    while not (held := r.xpending_range(LAYOUT.requests, LAYOUT.group, "-", "+", 10, consumername="w-a")):
+        assert time.monotonic() < deadline, "worker A never received an entry"
+        time.sleep(0.01)
+    workers.procs["w-a"].kill()
+    workers.procs["w-a"].wait()
+    run.join(60)
+    assert not run.is_alive(), "the client did not finish"
+    assert got["out"].scores.shape == (320,)
+    assert_same_scores(got["out"], reward_model, images, prompts)
+    assert_all_consumed_once(r, 80)
+
+    # B's /metrics: the declared families with their types; it scored and took over A's entries
+    families = scrape(port)
+    expected = {"fmrl_reward_service_requests": "counter", "fmrl_reward_service_images": "counter",
+                "fmrl_reward_service_request_seconds": "histogram",
+                "fmrl_reward_service_dead_letters": "counter", "fmrl_reward_service_reclaimed": "counter"}
+    assert {name: families[name].type for name in expected} == expected
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    ok = samples[("fmrl_reward_service_requests_total", (("outcome", "ok"), ("reward", REWARD)))]
+    reclaimed = samples[("fmrl_reward_service_reclaimed_total", (("reward", REWARD),))]
+    assert ok >= len(held) and reclaimed >= len(held)
+    assert samples[("fmrl_reward_service_images_total", (("reward", REWARD),))] == 4 * ok
+    assert samples[("fmrl_reward_service_request_seconds_count", (("reward", REWARD),))] == ok
+
+    # -- phase 2: a stream of small batches, as a training loop sends them; B is replaced by C
+    # after ten. C's long claim timeout: nothing may be rescued by XAUTOCLAIM, only by B's clean exit
+    client = RewardClient(redis_url, REWARD, max_images_per_request=4, timeout_s=45, attempts=2)
+    outs, ten_done = [], threading.Event()
+
+    def drive():
+        for i in range(40):
+            outs.append(client.score(images[8 * i:8 * i + 8], prompts[8 * i:8 * i + 8]))
+            if i == 9:
+                ten_done.set()
+            time.sleep(0.02)
+
+    run = threading.Thread(target=drive)
+    run.start()
+    assert ten_done.wait(30)
+    workers.start("w-c", "--claim-idle-s", "600")
+    workers.procs["w-b"].send_signal(signal.SIGTERM)
+    assert workers.procs["w-b"].wait(15) == 0, workers.log("w-b")[-3000:]
+    assert "finishing the batch in hand" in workers.log("w-b")
+    # it acked everything it took and left the group: nothing of it waits to be reclaimed
+    consumers = {c["name"] for c in r.xinfo_consumers(LAYOUT.requests, LAYOUT.group)}
+    assert b"w-b" not in consumers
+    run.join(90)
+    assert not run.is_alive(), f"the client did not finish:\n{workers.log('w-c')[-3000:]}"
+    assert len(outs) == 40
+    np.testing.assert_allclose(np.concatenate([o.scores for o in outs]),
+                               reward_model(images, prompts).scores, rtol=0, atol=1e-12)
+    assert_all_consumed_once(r, 160)
+    assert "consumer=w-c" in workers.log("w-c")  # its start line names stream, group, consumer
+    workers.procs["w-c"].send_signal(signal.SIGTERM)
+    assert workers.procs["w-c"].wait(15) == 0
+
+
+# ------------------------------------------------------------------ failures and dead letters
+
+
+def test_malformed_requests_go_to_the_dead_letter_stream(redis_url, reward_model, digits):
+    r = redis.Redis.from_url(redis_url)
+    reply_to = LAYOUT.reply_key("tester")
+
+    def fields(**kw):
+        return encode_request(digits[0][:2], digits[1][:2], reward=REWARD, request_id=kw.pop("rid"),
+                              reply_to=reply_to, encoding="raw", **kw)[1]
+
+    good = fields(rid="ok-1")
+    meta = json.loads(good["meta"])
+    sent = {
+        "garbage": {"foo": b"bar"},
+        "bad_json": {"meta": b"{nope", "images": b""},
+        "truncated": {**fields(rid="short-1"), "images": good["images"][:50]},
+        "shape": {"meta": json.dumps(meta | {"request_id": "shape-1", "images": meta["images"] | {
+            "shape": [2, 16, 16, 1]}}).encode(), "images": good["images"]},
+        "wrong_reward": {"meta": json.dumps(meta | {"request_id": "other-1", "reward": "clip"}).encode(),
+                         "images": good["images"]},
+        "version": {"meta": json.dumps(meta | {"request_id": "v2-1", "schema_version": 2}).encode(),
+                    "images": good["images"]},
+    }
+    for f in sent.values():
+        r.xadd(LAYOUT.requests, f)
+    before = sample("fmrl_reward_service_dead_letters_total", {"reward": REWARD, "reason": "bad_images"})
+    with serving(redis_url, reward_model):
+        deadline = time.monotonic() + 10
+        while r.xlen(LAYOUT.dead) < len(sent):
+            assert time.monotonic() < deadline, r.xrange(LAYOUT.dead)
+            time.sleep(0.02)
+    letters = [{k.decode(): v for k, v in f.items()} for _, f in r.xrange(LAYOUT.dead)]
+    got = [(f["reason"].decode(), f["error"].decode()) for f in letters]
+    assert got[0] == ("malformed", "entry needs fields 'meta' and 'images', got ['foo']")
+    assert got[1][0] == "malformed" and "'meta' is not JSON" in got[1][1]
+    assert got[2] == ("bad_images", "raw images of shape (2, 8, 8, 1) need 128 bytes, got 50 (truncated)")
+    assert got[3] == ("bad_images", "raw images of shape (2, 16, 16, 1) need 512 bytes, got 128 (truncated)")
+    assert got[4] == ("wrong_reward", "request other-1 asks for reward 'clip' but this service scores "
+                      "'digits_classifier'")
+    assert got[5] == ("schema_version", "unsupported schema_version 2; this service speaks 1")
+    assert letters[0]["orig.foo"] == b"bar" and letters[2]["orig.images"] == good["images"][:50]
+    assert sample("fmrl_reward_service_dead_letters_total",
+                  {"reward": REWARD, "reason": "bad_images"}) - before == 2
+    # the requests whose id and reply list were readable got an error result, and were notified
+    for rid in ("short-1", "shape-1", "other-1", "v2-1"):
+        result = json.loads(r.get(LAYOUT.result_key(rid)))
+        assert result["ok"] is False and result["error"]
+    assert sorted(r.lrange(reply_to, 0, -1)) == sorted([b"short-1", b"shape-1", b"other-1", b"v2-1"])
+    assert r.xlen(LAYOUT.requests) == 0 and r.xpending(LAYOUT.requests, LAYOUT.group)["pending"] == 0
+
+
+def test_client_fails_fast_on_an_error_result(redis_url, reward_model, digits):
+    # a client for another reward pointed at this stream: rejected, and told so at once
+    with serving(redis_url, reward_model):
+        client = RewardClient(redis_url, "clip_score", stream=LAYOUT.requests, timeout_s=30)
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match="wrong_reward: request .* asks for reward 'clip_score' "
+                           "but this service scores 'digits_classifier'"):
+            client.score(digits[0][:4], digits[1][:4])
+        assert time.monotonic() - t0 < 5
+
+
+def test_poison_request_is_dead_lettered_after_max_deliveries(redis_url, reward_model):
+    r = redis.Redis.from_url(redis_url)
+    labels = {"reward": REWARD, "outcome": "failed"}
+    failed_before = sample("fmrl_reward_service_requests_total", labels)
+    # 16×16 images pass the contract but the digits reward rejects them: it fails on every delivery
+    images = np.zeros((2, 16, 16, 1), np.uint8)
+    # a long claim timeout: the retries come from retry_after_s, not from waiting for a reclaim
+    with serving(redis_url, reward_model, claim_idle_s=60, retry_after_s=0.2, max_deliveries=3):
+        client = RewardClient(redis_url, REWARD, timeout_s=20)
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match=r"max_deliveries: failed 3 deliveries \(max 3\): "
+                           r"ValueError: digits rewards take 8×8 images"):
+            client.score(images, ["a handwritten one"] * 2)
+        assert time.monotonic() - t0 < 10
+    (_, letter), = r.xrange(LAYOUT.dead)
+    assert letter[b"reason"] == b"max_deliveries" and letter[b"deliveries"] == b"3"
+    assert sample("fmrl_reward_service_requests_total", labels) - failed_before == 3
+    assert r.xlen(LAYOUT.requests) == 0 and r.xpending(LAYOUT.requests, LAYOUT.group)["pending"] == 0
+    assert not list(r.scan_iter(LAYOUT.failure_key("*")))
+
+
+def test_processing_a_request_twice_never_overwrites_or_duplicates(redis_url, reward_model, digits):
+    r = redis.Redis.from_url(redis_url)
+    reply_to = LAYOUT.reply_key("tester")
+    _, fields = encode_request(digits[0][:3], digits[1][:3], reward=REWARD, request_id="twice",
+                               reply_to=reply_to)
+    first = RewardService(reward_model, connect(redis_url), ServiceConfig(reward=REWARD, consumer="first"))
+    second = RewardService(reward_model, connect(redis_url), ServiceConfig(reward=REWARD, consumer="second"))
+    first.ensure_group()
+    eid = r.xadd(LAYOUT.requests, fields)
+    # both read it (the second as if it had reclaimed it from a stalled first)
+    r.xreadgroup(LAYOUT.group, "first", {LAYOUT.requests: ">"})
+    first.handle(eid, {k.encode(): v for k, v in fields.items()}, 1)
+    stored = r.get(LAYOUT.result_key("twice"))
+    assert json.loads(stored)["worker"] == "first"
+    second.handle(eid, {k.encode(): v for k, v in fields.items()}, 2)
+    assert r.get(LAYOUT.result_key("twice")) == stored  # not overwritten
+    assert r.lrange(reply_to, 0, -1) == [b"twice", b"twice"]  # re-notified, not rescored
+    # the client takes it (as RewardClient does: swap in the consumed marker, atomically) ...
+    assert r.set(LAYOUT.result_key("twice"), RESULT_CONSUMED, xx=True, keepttl=True, get=True) == stored
+    r.delete(reply_to)
+    # ... and a third processing after that neither writes nor notifies
+    second.handle(eid, {k.encode(): v for k, v in fields.items()}, 3)
+    assert r.get(LAYOUT.result_key("twice")) == RESULT_CONSUMED and r.llen(reply_to) == 0
+
+
+def test_without_a_worker_optional_returns_none_and_required_raises(redis_url, digits):
+    r = redis.Redis.from_url(redis_url)
+    images, prompts = digits[0][:6], digits[1][:6]
+    unavailable = {"reward": REWARD, "kind": "unavailable"}
+    before = sample("fmrl_reward_client_errors_total", unavailable)
+    optional = RewardClient(redis_url, REWARD, required=False, timeout_s=0.2, attempts=2,
+                            max_images_per_request=4)
+    t0 = time.monotonic()
+    assert optional.score(images, prompts) is None
+    assert 0.4 <= time.monotonic() - t0 < 3
+    assert sample("fmrl_reward_client_errors_total", unavailable) - before == 1
+    assert sample("fmrl_reward_client_errors_total", {"reward": REWARD, "kind": "timeout"}) >= 2
+
+    required = RewardClient(redis_url, REWARD, timeout_s=0.2, attempts=2)
+    with pytest.raises(RewardUnavailable, match=r"reward 'digits_classifier' unavailable: no result "
+                       r"for request \w+ on stream 'fmrl:reward:digits_classifier:requests' after "
+                       r"2 attempt\(s\) of 0.2 s \([\d.]+ s waited\)") as e:
+        required.score(images, prompts)
+    assert e.value.reward == REWARD and e.value.stream == LAYOUT.requests
+    # what nobody waits for is withdrawn: no entry left to score, results pre-marked consumed
+    assert r.xlen(LAYOUT.requests) == 0
+    assert all(v == RESULT_CONSUMED for v in r.mget(list(r.scan_iter(LAYOUT.result_key("*")))))
+    assert sample("fmrl_reward_client_in_flight", {"reward": REWARD}) == 0
+
+
+def test_resubmission_collapses_with_a_late_original(redis_url, reward_model, digits):
+    # the first attempt expires before any service runs; the service that then starts sees
+    # only the resubmission (same id) and the client gets exactly one result
+    r = redis.Redis.from_url(redis_url)
+    client = RewardClient(redis_url, REWARD, timeout_s=0.3, attempts=20)
+    got = {}
+    run = threading.Thread(target=lambda: got.update(out=client.score(digits[0][:4], digits[1][:4])))
+    run.start()
+    time.sleep(0.8)
+    with serving(redis_url, reward_model):
+        run.join(20)
+    assert_same_scores(got["out"], reward_model, digits[0][:4], digits[1][:4])
+    assert_all_consumed_once(r, 1)
+    assert sample("fmrl_reward_client_errors_total", {"reward": REWARD, "kind": "timeout"}) >= 2
+
+
+# ------------------------------------------------------------------ connections: auth, TLS, errors
+
+
+def test_acl_user_with_password(redis_factory, reward_model, digits, capsys):
+    server = redis_factory("--user", "default", "off", "--user", "scorer", "on", ">s3cret", "~*", "&*", "+@all")
+    url = f"redis://scorer:s3cret@127.0.0.1:{server.port}/0"
+    with serving(url, reward_model):
+        out = RewardClient(url, REWARD, timeout_s=10).score(digits[0][:4], digits[1][:4])
+    assert_same_scores(out, reward_model, digits[0][:4], digits[1][:4])
+
+    wrong = f"redis://scorer:wrong@127.0.0.1:{server.port}/0"
+    with pytest.raises(RedisUnreachable, match=r"Redis at redis://scorer:\*\*\*@127.0.0.1:\d+/0 "
+                       "rejected the credentials") as e:
+        RewardClient(wrong, REWARD)
+    assert "wrong" not in str(e.value)
+    assert main(["--reward", REWARD, "--redis-url", wrong]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reward service: error: Redis at redis://scorer:***@") and "\n" not in err
+    assert "rejected the credentials" in err and "wrong" not in err
+    assert main(["--reward", REWARD, "--redis-url", f"redis://127.0.0.1:{server.port}/0"]) == 2
+    assert "requires authentication; put user:password@ in the URL" in capsys.readouterr().err
+
+
+def test_unreachable_redis_and_bad_urls_are_one_line_errors(capsys):
+    assert main(["--reward", REWARD, "--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reward service: error: cannot reach Redis at redis://127.0.0.1:")
+    assert err.count("\n") == 1 and "Connection refused" in err
+    assert main(["--reward", REWARD, "--redis-url", "http://127.0.0.1:1/0"]) == 2
+    assert "bad Redis URL 'http://127.0.0.1:1/0': Redis URL must specify one of the following schemes" in \
+        capsys.readouterr().err
+    assert main(["--reward", REWARD, "--redis-url", "redis://x", "--max-deliveries", "0"]) == 2
+    assert "--max-deliveries: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def _make_tls_files(d: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (EC keys: fast to make)."""
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=fmrl test CA")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
+
+
+def test_tls_rediss_url(redis_factory, reward_model, digits, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed: cannot make a test certificate (TLS NOT tested)")
+    files = _make_tls_files(tmp_path)
+    tls_port = free_port()
+    server = redis_factory("--tls-port", str(tls_port), "--tls-cert-file", str(files["cert"]),
+                           "--tls-key-file", str(files["key"]), "--tls-ca-cert-file", str(files["ca"]),
+                           "--tls-auth-clients", "no", ready_port=tls_port)
+    assert server.proc.poll() is None, "redis-server refused the TLS options (built without TLS?)"
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca']}"
+    with serving(url, reward_model):
+        out = RewardClient(url, REWARD, timeout_s=10).score(digits[0][:4], digits[1][:4])
+    assert_same_scores(out, reward_model, digits[0][:4], digits[1][:4])
+    # the server really speaks TLS: without our CA the certificate is not trusted
+    with pytest.raises(RedisUnreachable, match="certificate verify failed"):
+        connect(f"rediss://127.0.0.1:{tls_port}/0")
