@@ -48,6 +48,9 @@ class RewardUnavailable(RuntimeError):
         super().__init__(message)
         self.reward, self.stream, self.waited_s = reward, stream, waited_s
 
+    def __reduce__(self) -> tuple:  # survives pickling across Ray's actor boundary
+        return type(self), (self.reward, self.stream, self.waited_s, str(self))
+
 
 class RewardError(RuntimeError):
     """The reward service answered with an error result (its reason is the message)."""
@@ -55,6 +58,9 @@ class RewardError(RuntimeError):
     def __init__(self, reward: str, request_id: str, reason: str) -> None:
         super().__init__(f"reward {reward!r} failed request {request_id}: {reason}")
         self.reward, self.request_id, self.reason = reward, request_id, reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.reward, self.request_id, self.reason)
 
 
 class RedisUnreachable(ConnectionError):

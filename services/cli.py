@@ -173,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The error an actor raised, not Ray's wrapper (whose first line names the actor's pid)."""
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return exc
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["reward-worker"]:  # its options are the service's own (argparse's REMAINDER drops --flags)
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         if os.environ.get("FMRL_DEBUG"):
             raise
+        exc = _cause(exc)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fmrl: error: {msg}", file=sys.stderr)
         return 1

@@ -80,8 +80,15 @@ def _checked(label: str, out: RewardOutput, b: int) -> np.ndarray:
 
 
 def component_means(scored: dict[str, np.ndarray], cfg: RewardConfig) -> dict[str, float]:
-    """Per-component batch means for the metrics (``reward/<name>``); absent ones are skipped."""
-    return {f"reward/{c.label}": float(scored[c.label].mean()) for c in cfg.components if c.label in scored}
+    """Per-component figures for the metrics: ``reward/<name>`` the batch mean (when it
+    answered) and ``reward_available/<name>`` 1 or 0."""
+    out: dict[str, float] = {}
+    for c in cfg.components:
+        available = c.label in scored
+        out[f"reward_available/{c.label}"] = float(available)
+        if available:
+            out[f"reward/{c.label}"] = float(scored[c.label].mean())
+    return out
 
 
 def _call(component: Any, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:

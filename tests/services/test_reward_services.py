@@ -19,6 +19,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from reward_workers.client import RewardUnavailable
+from services.cli import _cause
 from services.driver import train
 from tests.conftest import free_port
 from tests.services.conftest import short_config
@@ -139,3 +141,23 @@ def test_reward_service_replaced_during_a_run_loses_no_batch(in_cluster, small_p
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
     np.testing.assert_allclose(train_rewards(tmp_path / "redis"), train_rewards(in_cluster[0]), rtol=1e-9, atol=0)
+
+
+def test_optional_service_missing_the_run_goes_on_required_missing_it_stops(cluster, small_policy, redis_url, tmp_path):
+    """No worker serves the CLIP stream: optional, each batch is trained on the digits reward
+    alone (and flagged); required, the run stops with an error naming the reward."""
+    clip = f"{{kind: clip, transport: redis, redis: {{url: '{redis_url}', timeout_s: 0.3, attempts: 1}}"
+    train(short_config(tmp_path, small_policy, name="optional", iterations=2,
+                       **{"reward.components": f"[{{kind: digits_classifier}}, {clip}, required: false}}]"}))
+    got = [r for r in rows(tmp_path / "optional") if r["kind"] == "train"]
+    assert [(r["reward_available/clip"], r["reward_available/digits_classifier"]) for r in got] == [(0.0, 1.0)] * 2
+    # reward_mean is the float32 mean the learner saw, reward/<name> the float64 one
+    assert all("reward/clip" not in r and r["reward_mean"] == pytest.approx(r["reward/digits_classifier"], rel=1e-6)
+               for r in got)
+
+    with pytest.raises(Exception) as info:
+        train(short_config(tmp_path, small_policy, name="required", iterations=2,
+                           **{"reward.components": f"[{{kind: digits_classifier}}, {clip}}}]"}))
+    cause = _cause(info.value)
+    assert isinstance(cause, RewardUnavailable)
+    assert "'clip'" in str(cause) and "fmrl:reward:clip:requests" in str(cause)
