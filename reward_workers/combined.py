@@ -35,17 +35,29 @@ class WeightedSum:
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
         check_batch(images, prompts)
-        total = np.zeros(len(prompts), dtype=np.float64)
-        details: dict[str, np.ndarray] = {}
-        for name, weight, reward in self.components:
-            out = reward(images, prompts)
-            scores = np.asarray(out.scores, dtype=np.float64)
-            if scores.shape != total.shape:
-                raise ValueError(f"component {name!r} returned scores of shape {scores.shape}, "
-                                 f"expected {total.shape}")
-            if not np.all(np.isfinite(scores)):
-                raise ValueError(f"component {name!r} returned non-finite scores: {scores}")
-            total += weight * scores
-            details[name] = scores
-            details.update({f"{name}/{k}": v for k, v in out.details.items()})
-        return RewardOutput(scores=total, details=details)
+        return combine([(name, weight, reward(images, prompts)) for name, weight, reward in self.components],
+                       len(prompts))
+
+
+def combine(parts: list[tuple[str, float, RewardOutput | None]], n: int) -> RewardOutput:
+    """Σ wᵢ·sᵢ over the components that answered (``None``: an optional reward that did not).
+
+    details: each answering component's scores under its name and its details under
+    "name/key"; "name/available" is 1 for those and 0 for the rest (all images).
+    """
+    total = np.zeros(n, dtype=np.float64)
+    details: dict[str, np.ndarray] = {}
+    for name, weight, out in parts:
+        details[f"{name}/available"] = np.full(n, 0.0 if out is None else 1.0)
+        if out is None:
+            continue
+        scores = np.asarray(out.scores, dtype=np.float64)
+        if scores.shape != total.shape:
+            raise ValueError(f"component {name!r} returned scores of shape {scores.shape}, "
+                             f"expected {total.shape}")
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(f"component {name!r} returned non-finite scores: {scores}")
+        total += weight * scores
+        details[name] = scores
+        details.update({f"{name}/{k}": np.asarray(v) for k, v in out.details.items()})
+    return RewardOutput(scores=total, details=details)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from reward_workers.base import RewardOutput
+from reward_workers.combined import combine
 from reward_workers.registry import build_reward
 from services.config import RewardComponentConfig, RewardConfig
 
@@ -48,35 +49,14 @@ class RewardStage:
         """``scores`` (B,) the weighted sum; ``<name>`` each component's (B,) scores,
         ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch."""
         outs = list(self._pool.map(lambda comp: _call(comp[1], images, prompts), self.components))
-        b = len(prompts)
-        total = np.zeros(b, dtype=np.float64)
-        result: dict[str, np.ndarray] = {}
-        for (c, _), out in zip(self.components, outs, strict=True):
-            label = c.label
-            result[f"{label}/available"] = np.full(b, 0.0 if out is None else 1.0)
-            if out is None:
-                continue
-            scores = _checked(label, out, b)
-            total += c.weight * scores
-            result[label] = scores
-            for k, v in out.details.items():
-                result[f"{label}/{k}"] = np.asarray(v, dtype=np.float64)
-        result["scores"] = total
-        return result
+        out = combine([(c.label, c.weight, o) for (c, _), o in zip(self.components, outs, strict=True)], len(prompts))
+        return {"scores": out.scores, **out.details}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         for _, comp in self.components:
             if hasattr(comp, "close"):
                 comp.close()
-
-
-def _checked(label: str, out: RewardOutput, b: int) -> np.ndarray:
-    scores = np.asarray(out.scores, dtype=np.float64)
-    if scores.shape != (b,) or not np.isfinite(scores).all():
-        raise ValueError(f"reward {label} returned bad scores: shape {scores.shape} for {b} images, "
-                         f"{int((~np.isfinite(scores)).sum()) if scores.size else 0} non-finite")
-    return scores
 
 
 def component_means(scored: dict[str, np.ndarray], cfg: RewardConfig) -> dict[str, float]:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from reward_workers.aesthetic import AestheticReward, save_random_aesthetic_head
 from reward_workers.base import RewardOutput
 from reward_workers.clip import CLIPScoreReward, PreferenceReward, save_random_clip
-from reward_workers.combined import WeightedSum
+from reward_workers.combined import WeightedSum, combine
 from reward_workers.image_rewards import JpegCompressibility, TargetImageReward
 from reward_workers.registry import AESTHETIC_HEAD_FILE, build_reward
 
@@ -243,10 +243,19 @@ def test_weighted_sum_on_hand_values():
     out = WeightedSum([("a", 2.0, a), ("b", -0.5, b)])(images, ["", ""])
     # [2·1 − 0.5·4, 2·2 − 0.5·0] = [0, 4]
     np.testing.assert_array_equal(out.scores, [0.0, 4.0])
-    assert set(out.details) == {"a", "a/x", "b"}
+    assert set(out.details) == {"a", "a/x", "b", "a/available", "b/available"}
+    np.testing.assert_array_equal(out.details["a/available"], [1.0, 1.0])
     np.testing.assert_array_equal(out.details["a"], [1.0, 2.0])
     np.testing.assert_array_equal(out.details["a/x"], [5.0, 6.0])
     np.testing.assert_array_equal(out.details["b"], [4.0, 0.0])
+
+
+def test_combine_leaves_out_a_component_that_did_not_answer():
+    # a: [1, 2] × 2; b (optional) gave no answer → [2, 4], b flagged unavailable, no "b" scores
+    out = combine([("a", 2.0, RewardOutput(np.array([1.0, 2.0]))), ("b", -0.5, None)], 2)
+    np.testing.assert_array_equal(out.scores, [2.0, 4.0])
+    assert set(out.details) == {"a", "a/available", "b/available"}
+    np.testing.assert_array_equal(out.details["b/available"], [0.0, 0.0])
 
 
 def test_weighted_sum_rejects_bad_components():
