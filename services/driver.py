@@ -149,13 +149,15 @@ def train_iteration(stages: Stages, cfg: TrainConfig, it: int, version: int) -> 
 
 
 def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: dict[str, Any],
-                  grid_columns: int) -> dict[str, Any]:
-    """The grid, the curve, summary.json and summary.txt; prints the table."""
+                  grid_columns: int, probability: bool = True) -> dict[str, Any]:
+    """The grid, the curve, summary.json and summary.txt; prints the table. ``probability``:
+    the reward is a probability (the digits classifier alone), which has a target p + (1 − p)/2."""
     sample_grid(before, after, run_dir / "samples_before_after.png", grid_columns)
-    reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
+    reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png", probability)
     table = summary_table(before, after)
-    summary = {"run_dir": str(run_dir), **extra, "before": before.headline(), "after": after.headline(),
-               "target_reward": before.reward + (1 - before.reward) / 2}
+    summary = {"run_dir": str(run_dir), **extra, "before": before.headline(), "after": after.headline()}
+    if probability:
+        summary["target_reward"] = before.reward + (1 - before.reward) / 2
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.txt").write_text(table + "\n")
     print(table)
@@ -196,7 +198,8 @@ def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
         ckpt = ray.get(stages.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         summary = write_outputs(run_dir, before, after, {
             "checkpoint": ckpt, "seconds": round(time.time() - t0, 1),
-            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy}, cfg.eval.grid_columns)
+            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy}, cfg.eval.grid_columns,
+            probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
         print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
         return summary
     finally:

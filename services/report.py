@@ -46,9 +46,11 @@ def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int 
     return path
 
 
-def reward_curve(metrics_path: Path, path: Path) -> Path:
-    """Training reward per iteration (and a moving average), the before/after evaluations
-    and the issue's target p + (1 − p)/2 above the base reward p, all read from metrics.jsonl."""
+def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Path:
+    """Training reward per iteration (and a moving average) and the before/after evaluations,
+    read from metrics.jsonl. ``probability``: the reward is the digits classifier's
+    probability, so the axis ends at 1 and the target p + (1 − p)/2 above the base p is drawn;
+    otherwise (CLIP, sums of rewards) the axis fits the data."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     evals = {r["when"]: r["reward"] for r in rows if r.get("kind") == "eval"}
@@ -63,13 +65,16 @@ def reward_curve(metrics_path: Path, path: Path) -> Path:
     if "before" in evals:
         p = evals["before"]
         ax.axhline(p, color="tab:red", ls=":", lw=1.2, label=f"eval before {p:.3f}")
-        ax.axhline(p + (1 - p) / 2, color="tab:green", ls="-.", lw=1, label=f"target p+(1-p)/2 = {p + (1 - p) / 2:.3f}")
+        if probability:
+            ax.axhline(p + (1 - p) / 2, color="tab:green", ls="-.", lw=1,
+                       label=f"target p+(1-p)/2 = {p + (1 - p) / 2:.3f}")
     if "after" in evals:
         ax.axhline(evals["after"], color="tab:red", ls="--", lw=1.2, label=f"eval after {evals['after']:.3f}")
     low = min([*rew.tolist(), *evals.values()], default=0.0)
-    ax.set_ylim(max(0.0, np.floor((low - 0.05) * 10) / 10), 1.0)
+    if probability:
+        ax.set_ylim(max(0.0, np.floor((low - 0.05) * 10) / 10), 1.0)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("reward (prob. of prompted digit)")
+    ax.set_ylabel("reward (prob. of prompted digit)" if probability else "training reward Σ wᵢ·rᵢ")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
