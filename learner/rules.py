@@ -150,7 +150,7 @@ class ACFlowRule:
             w = critic_weights(adv, family=self.p.weighting, tau=self.p.tau)
         prep["weights"] = w
         stats = {"adv_std": float(adv.std()), "adv_clip_fraction": clip_frac, "warmup": float(warming),
-                 "ess": float(effective_sample_size(w)) if w.sum() > 0 else 0.0,
+                 "ess": float(effective_sample_size(w)),
                  "zero_spread_groups": tstats["zero_spread_groups"]}
         return prep, stats, not (warming and self.p.warmup_actor == "frozen")
 

@@ -17,7 +17,15 @@ def sq_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
-    """(Σw)² / (B·Σw²) ∈ [1/B, 1]: 1 for uniform weights, 1/B when one sample carries all."""
+    """(Σw)² / (B·Σw²) ∈ [1/B, 1]: 1 for uniform weights, 1/B when one sample carries all.
+
+    Computed on w / max(w) (the ratio is scale-free), so raw weights such as exp(40·r) ≈ 2e17,
+    whose (Σw)² overflows float32, still give a number; all-zero weights give 0.
+    """
+    top = w.max()
+    if top <= 0:
+        return torch.zeros((), dtype=w.dtype)
+    w = w / top
     return w.sum() ** 2 / (w.numel() * w.pow(2).sum())
 
 

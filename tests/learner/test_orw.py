@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from learner.objectives import orw_cfm_w2_loss, orw_weights
+from learner.objectives.weighted import effective_sample_size
 
 # Two samples of two elements each; τ = 1, r = (0, ln 2) → w = exp(τ r) = (1, 2); α = 0.5.
 V = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
@@ -54,3 +55,12 @@ def test_weights_and_bad_scalars():
     torch.testing.assert_close(orw_weights(torch.tensor([0.0, 1.0]), 2.0), torch.tensor([1.0, math.e ** 2]))
     with pytest.raises(ValueError, match="tau must be non-negative"):
         orw_cfm_w2_loss(V, U, VREF, R, tau=-1.0, alpha=0.5)
+
+
+def test_ess_of_huge_raw_weights_is_finite_and_scale_free():
+    # τ = 40 on rewards (0, 0.5, 1, 1): w = (1, e²⁰, e⁴⁰, e⁴⁰); (Σw)² ≈ 1.3e35² overflows float32
+    # if computed directly. Scaled by e⁴⁰ the weights are ≈ (0, 2.1e-9, 1, 1): ESS = 2² / (4·2) = 0.5
+    w = orw_weights(torch.tensor([0.0, 0.5, 1.0, 1.0]), 40.0)
+    assert float(effective_sample_size(w)) == pytest.approx(0.5, rel=1e-6)
+    assert float(effective_sample_size(w * 1e-20)) == pytest.approx(0.5, rel=1e-6)
+    assert float(effective_sample_size(torch.zeros(3))) == 0.0
