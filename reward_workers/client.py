@@ -134,7 +134,7 @@ class RewardClient:
 
     def __init__(self, redis_or_url: redis.Redis | str, reward: str, *, stream: str | None = None,
                  required: bool = True, max_images_per_request: int = 64, max_in_flight: int = 4,
-                 timeout_s: float = 60.0, attempts: int = 3, encoding: ImageEncoding = "png",
+                 timeout_s: float = 60.0, attempts: int = 3, encoding: ImageEncoding = "raw",
                  limits: RequestLimits | None = None, result_ttl_s: int = 3600,
                  client_id: str | None = None) -> None:
         if max_images_per_request < 1 or max_in_flight < 1 or attempts < 1 or timeout_s <= 0:

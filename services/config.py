@@ -192,7 +192,9 @@ class RedisRewardConfig(_Strict):
     attempts: int = Field(3, ge=1, description="Submissions of a request before the reward counts as unavailable.")
     max_in_flight: int = Field(8, ge=1, description="Requests awaiting results at once.")
     max_images_per_request: int = Field(64, ge=1, description="A batch is split into requests of at most this many images.")
-    encoding: Literal["png", "raw"] = Field("png", description="Image encoding on the wire (both lossless).")
+    encoding: Literal["png", "raw"] = Field("raw", description="Image encoding on the wire, both lossless: raw "
+                                            "bytes (no encode cost) or PNG (smaller, for slow links; at 512 px "
+                                            "its encoding costs more than it saves, docs/performance.md).")
 
 
 class RewardComponentConfig(_Strict):

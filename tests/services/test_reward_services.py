@@ -63,7 +63,7 @@ def served_requests(port: int) -> float:
 
 def redis_reward(url: str) -> dict[str, str]:
     return {"reward.components": "[{kind: digits_classifier, transport: redis, "
-                                 f"redis: {{url: '{url}', timeout_s: 5, attempts: 20}}}}]"}
+                                 f"redis: {{url: '{url}', timeout_s: 5, attempts: 20, encoding: png}}}}]"}
 
 
 def rows(run: Path) -> list[dict]:
