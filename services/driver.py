@@ -59,6 +59,13 @@ def ensure_ray(cfg: TrainConfig) -> bool:
     env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
                         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+        # Under `ray job submit` Ray merges the job's runtime_env into ray.init's and refuses
+        # (ValueError) an env var both set, so the job's values (deploy/runtime_env.yaml) win.
+        job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+        taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+        env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in taken}}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, logging_level=logging.WARNING)
         return False
     ray.init(num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, runtime_env=env,

@@ -26,7 +26,7 @@ from tests.conftest import free_port
 from tests.services.conftest import short_config
 
 ROOT = Path(__file__).resolve().parents[2]
-ITERATIONS = 6
+ITERATIONS = 4
 # the actor must move (warm-up of one step), so the rewards of later iterations depend on
 # every earlier reward having reached the learner intact
 LEARNING = {"algorithm.ac_flow.warmup_steps": 1}
