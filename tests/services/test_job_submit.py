@@ -134,8 +134,10 @@ def ray_head() -> Iterator[RayHead]:
     token_file = temp_dir / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    # Token authentication as in production (Ray's default for new clusters), with a token of
-    # this cluster's own: never ~/.ray/auth_token, which belongs to the user.
+    # Token authentication on, as a production cluster should run (and as Ray 2.60 turns it on
+    # for a new ray.init cluster), with a token of this cluster's own: never ~/.ray/auth_token,
+    # the user's, which `ray start` would otherwise pick up. The job's driver inherits both
+    # variables from the head's processes; the CLI and the HTTP clients here send the token.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), MARKER: str(temp_dir),
