@@ -190,6 +190,8 @@ class RedisRewardConfig(_Strict):
                                "`fmrl reward-worker --reward <kind>` reads.")
     timeout_s: float = Field(60.0, gt=0, description="Wait for a request's result this long before resubmitting it.")
     attempts: int = Field(3, ge=1, description="Submissions of a request before the reward counts as unavailable.")
+    retry_unavailable_s: float = Field(300.0, ge=0, description="After an optional reward was unavailable, batches "
+                                       "go without it this long before it is tried again.")
     max_in_flight: int = Field(8, ge=1, description="Requests awaiting results at once.")
     max_images_per_request: int = Field(64, ge=1, description="A batch is split into requests of at most this many images.")
     encoding: Literal["png", "raw"] = Field("raw", description="Image encoding on the wire, both lossless: raw "

@@ -5,12 +5,16 @@ with ``transport: redis`` is a :class:`reward_workers.client.RewardClient` that 
 images to `fmrl reward-worker` services. Components are scored concurrently, so one slow
 service does not serialise the others. The result is the weighted sum Σ wᵢ·rᵢ over the
 components that answered; an optional component that stays unavailable is left out of
-that batch (and flagged), a required one raises.
+that batch (and flagged), a required one raises. After an optional component was
+unavailable, the following batches go without it at once for ``redis.retry_unavailable_s``
+seconds, then it is tried again: a service that is down costs one timeout, not one per batch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +26,7 @@ from reward_workers.registry import build_reward
 from services.config import RewardComponentConfig, RewardConfig
 
 REDIS_URL_ENV = "FMRL_REDIS_URL"
+log = logging.getLogger(__name__)
 
 
 def build_component(c: RewardComponentConfig) -> Any:
@@ -31,11 +36,32 @@ def build_component(c: RewardComponentConfig) -> Any:
     from reward_workers.client import RewardClient
 
     r = c.redis
-    return RewardClient(
+    client = RewardClient(
         os.environ.get(REDIS_URL_ENV) or r.url, c.kind, stream=r.stream,
         timeout_s=r.timeout_s, attempts=r.attempts, max_in_flight=r.max_in_flight,
         max_images_per_request=r.max_images_per_request, encoding=r.encoding, required=c.required,
     )
+    return client if c.required else SkipWhileDown(client, c.label, r.retry_unavailable_s)
+
+
+class SkipWhileDown:
+    """An optional remote reward that, once unavailable, is skipped for ``skip_s`` seconds."""
+
+    def __init__(self, client: Any, label: str, skip_s: float) -> None:
+        self.client, self.label, self.skip_s = client, label, skip_s
+        self.down_until = 0.0
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
+        if time.monotonic() < self.down_until:
+            return None
+        out = self.client.score(images, prompts)
+        if out is None:
+            self.down_until = time.monotonic() + self.skip_s
+            log.warning("optional reward %s unavailable: batches go without it for %.0f s", self.label, self.skip_s)
+        return out
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class RewardStage:
