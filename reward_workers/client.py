@@ -168,6 +168,10 @@ class RewardClient:
         except redis.RedisError:
             pass
 
+    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
+        """A remote reward is called like a local one (see :meth:`score`)."""
+        return self.score(images, prompts)
+
     def score(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
         """Scores for uint8 ``images`` (N, H, W, C) and N ``prompts``, in order.
 

@@ -55,9 +55,20 @@ class ClipEncoder:
         from transformers import CLIPModel, CLIPProcessor
 
         path = check_model_dir(model_path)
+        self._wrap(CLIPModel.from_pretrained(path, local_files_only=True),
+                   CLIPProcessor.from_pretrained(path, local_files_only=True), device)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, processor: object, device: str | torch.device = "cpu") -> ClipEncoder:
+        """An encoder around a model already in memory (e.g. one being trained)."""
+        enc = cls.__new__(cls)
+        enc._wrap(model, processor, device)
+        return enc
+
+    def _wrap(self, model: torch.nn.Module, processor: object, device: str | torch.device) -> None:
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
         self.max_text_len = int(self.model.config.text_config.max_position_embeddings)
         self.projection_dim = int(self.model.config.projection_dim)
 

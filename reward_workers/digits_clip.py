@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from reward_workers.clip import ClipEncoder
 from reward_workers.digits import DIGIT_WORDS, DigitsSplit, load_split
 
 DIGITS_CLIP_DIR = Path(__file__).resolve().parent / "assets" / "digits_clip"
@@ -235,15 +236,11 @@ def train_digits_clip(steps: int = DEFAULT_STEPS, seed: int = 0,
 
 def cosine_matrix(model: CLIPModel, processor: CLIPProcessor, images: np.ndarray,
                   prompts: list[str]) -> np.ndarray:
-    """Cosines (N, P) of N uint8 images, (N, H, W) grey or (N, H, W, C), with P prompts."""
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
-    with torch.no_grad():
-        out = model(**inputs)
-    return (out.image_embeds @ out.text_embeds.T).double().numpy()
+    """Cosines (N, P) of N uint8 images, (N, H, W) grey or (N, H, W, C), with P prompts
+    (the CLIP reward's own encoder, around this model)."""
+    enc = ClipEncoder.from_model(model, processor)
+    return (enc.embed_images(images[..., None] if images.ndim == 3 else images)
+            @ enc.embed_texts(prompts).T).double().numpy()
 
 
 def heldout_zero_shot_accuracy(model: CLIPModel, processor: CLIPProcessor, template: str = ZERO_SHOT_TEMPLATE,

@@ -175,10 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cause(exc: BaseException) -> BaseException:
     """The error an actor raised, not Ray's wrapper (whose first line names the actor's pid)."""
-    try:
-        from ray.exceptions import RayTaskError
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return exc
+    from ray.exceptions import RayTaskError
+
     while isinstance(exc, RayTaskError) and exc.cause is not None:
         exc = exc.cause
     return exc

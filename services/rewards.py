@@ -51,10 +51,10 @@ class SkipWhileDown:
         self.client, self.label, self.skip_s = client, label, skip_s
         self.down_until = 0.0
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
+    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
         if time.monotonic() < self.down_until:
             return None
-        out = self.client.score(images, prompts)
+        out = self.client(images, prompts)
         if out is None:
             self.down_until = time.monotonic() + self.skip_s
             log.warning("optional reward %s unavailable: batches go without it for %.0f s", self.label, self.skip_s)
@@ -74,7 +74,7 @@ class RewardStage:
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """``scores`` (B,) the weighted sum; ``<name>`` each component's (B,) scores,
         ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch."""
-        outs = list(self._pool.map(lambda comp: _call(comp[1], images, prompts), self.components))
+        outs = list(self._pool.map(lambda comp: comp[1](images, prompts), self.components))
         out = combine([(c.label, c.weight, o) for (c, _), o in zip(self.components, outs, strict=True)], len(prompts))
         return {"scores": out.scores, **out.details}
 
@@ -96,7 +96,3 @@ def component_means(scored: dict[str, np.ndarray], cfg: RewardConfig) -> dict[st
             out[f"reward/{c.label}"] = float(scored[c.label].mean())
     return out
 
-
-def _call(component: Any, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
-    """A reward is called; a Redis client's ``score`` may return None (optional, unavailable)."""
-    return component.score(images, prompts) if hasattr(component, "score") else component(images, prompts)

@@ -67,12 +67,7 @@ def fit_and_sample(tau: float, seed: int = 0) -> torch.Tensor:
     return x.view(-1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_reward_weighted_fit_lands_on_the_tilted_mixture():

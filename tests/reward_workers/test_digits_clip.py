@@ -31,13 +31,7 @@ MEASURED_ACCURACY = 354 / 360
 MARGIN = 2 / 360
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the model is tiny: a second thread only adds contention (10× slower on a busy host)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ SIZE = 16  # image side of the random CLIP
 PROMPTS = ["a cat", "a dog on a mat", "a cat", "7"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls: with other work on the machine, more threads only oversubscribe the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
