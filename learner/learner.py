@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 from learner.pretrain import ema_update
 from learner.rules import Batch, Prepared, build_rule, settings_json
 from learner.settings import LearnerSettings
-from samplers.policy import SD3Velocity, load_velocity, save_velocity, state_checksum
+from samplers.policy import SD3Velocity, save_velocity, state_checksum
 from samplers.text import PromptEmbeddings
 from samplers.trajectory import Trajectory
 
@@ -133,8 +134,31 @@ class Learner:
         return WeightsPayload(self.step if current else self.version, state, state_checksum(state))
 
     # ---- checkpoints ---------------------------------------------------------------
+    # What a bitwise-identical resume needs, and where ``save`` keeps it:
+    #   policy.safetensors / rollout.safetensors  π_θ and π_old (EMA or copy)
+    #   optimizer.safetensors tensors             AdamW moments and step counts ("<pid>.<name>"),
+    #                                             the interpolant generator ("learner.generator"),
+    #                                             the rule's tensors ("rule.*": AC-Flow's critic and
+    #                                             its AdamW)
+    #   optimizer.safetensors metadata            step, version, the LambdaLR state, AdamW's param
+    #                                             groups, the rule's JSON state (reward trackers,
+    #                                             critic optimiser groups), the settings and the
+    #                                             frozen reference's checksum
+    # Updates draw randomness only from ``self.generator`` (never the global torch RNG), and the
+    # reference is rebuilt by the constructor, so it is checked (by checksum), not stored.
+    _GENERATOR_KEY = "learner.generator"
+
+    def _reference_checksum(self) -> str:
+        """The frozen reference's checksum, computed once (it never changes)."""
+        cached = getattr(self, "_reference_checksum_cache", None)
+        if cached is None:
+            cached = state_checksum(self.reference.state_dict())
+            self._reference_checksum_cache = cached
+        return cached
+
     def save(self, directory: Path | str) -> Path:
-        """policy.safetensors (loadable by ``fmrl sample``) and optimizer.safetensors."""
+        """policy.safetensors (loadable by ``fmrl sample``), rollout.safetensors and
+        optimizer.safetensors: everything ``load`` needs to continue bitwise identically."""
         from safetensors.torch import save_file
 
         d = Path(directory)
@@ -149,16 +173,25 @@ class Learner:
         for pid, st in opt_state["state"].items():
             for name, val in st.items():
                 tensors[f"{pid}.{name}"] = torch.as_tensor(val).contiguous()
+        tensors[self._GENERATOR_KEY] = self.generator.get_state().contiguous()
         rule_tensors, rule_meta = self.rule.state()
         tensors.update({f"rule.{k}": v for k, v in rule_tensors.items()})
         tmp = d / "optimizer.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(opt_state["param_groups"]),
+                                               "scheduler": json.dumps(self.scheduler.state_dict()),
+                                               "reference_checksum": self._reference_checksum(),
                                                "rule": json.dumps(rule_meta)})
         tmp.replace(d / "optimizer.safetensors")
         return d / "policy.safetensors"
 
     def load(self, directory: Path | str) -> None:
-        """Restore what ``save`` wrote (policy, rollout policy, optimiser, step, version)."""
+        """Restore what ``save`` wrote, so that the learner continues exactly as the saved one.
+
+        Raises, before changing anything, on a missing file, a checkpoint of another
+        objective, files from different steps (a save cut short) or another frozen reference.
+        (Later mismatches, e.g. other tracker settings or weight shapes, also raise but may
+        leave the learner partly loaded.)
+        """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -166,22 +199,50 @@ class Learner:
         for name in ("policy.safetensors", "rollout.safetensors", "optimizer.safetensors"):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"checkpoint {d} is incomplete: {name} missing")
-        self.policy.load_state_dict(load_velocity(d / "policy.safetensors").state_dict())
-        self.rollout.load_state_dict(load_velocity(d / "rollout.safetensors").state_dict())
-        with safe_open(str(d / "optimizer.safetensors"), framework="pt") as f:
-            meta = f.metadata()
+        metas = {}
+        for name in ("policy.safetensors", "rollout.safetensors", "optimizer.safetensors"):
+            with safe_open(str(d / name), framework="pt") as f:
+                metas[name] = f.metadata() or {}
+        meta = metas["optimizer.safetensors"]
+        if "settings" in meta:
+            saved = json.loads(meta["settings"]).get("objective")
+            if saved != self.settings.objective:
+                raise ValueError(f"checkpoint {d} was written by objective {saved!r}, "
+                                 f"this learner runs {self.settings.objective!r}")
+        steps = {name: m.get("step") for name, m in metas.items()}
+        if len(set(steps.values())) != 1:
+            raise ValueError(f"checkpoint {d} mixes files from different steps {steps} (an interrupted save?)")
+        if "reference_checksum" in meta and meta["reference_checksum"] != self._reference_checksum():
+            raise ValueError(f"checkpoint {d} was trained against another reference policy than this "
+                             "learner's (build the learner from the same initial policy before loading)")
         flat = load_file(str(d / "optimizer.safetensors"))
-        state: dict[int, dict[str, torch.Tensor]] = {}
+        generator_state = flat.pop(self._GENERATOR_KEY, None)
         rule_tensors = {k[5:]: v for k, v in flat.items() if k.startswith("rule.")}
+        state: dict[int, dict[str, torch.Tensor]] = {}
         for key, val in flat.items():
             if key.startswith("rule."):
                 continue
             pid, name = key.split(".", 1)
             state.setdefault(int(pid), {})[name] = val
-        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        # the transformers' weights as save_velocity wrote them, loaded in place: load_velocity
+        # would build two models, drawing from the global torch RNG and costing their memory
+        policy_state = load_file(str(d / "policy.safetensors"))
+        rollout_state = load_file(str(d / "rollout.safetensors"))
+
+        # the rule first: its own checks (tracker settings) may still refuse the checkpoint
         self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
+        self.policy.transformer.load_state_dict(policy_state)
+        self.rollout.transformer.load_state_dict(rollout_state)
+        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         self.step = int(meta["step"])
         self.version = int(meta["version"])
-        # the optimiser's saved param groups carry the scheduled lr; the scheduler resumes its count
-        self.scheduler.last_epoch = int(meta["scheduler_epoch"])
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001
+        if "scheduler" in meta:
+            self.scheduler.load_state_dict(json.loads(meta["scheduler"]))
+        else:  # older checkpoints: the saved param groups carry the scheduled lr
+            self.scheduler.last_epoch = int(meta["scheduler_epoch"])
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+        else:
+            warnings.warn(f"checkpoint {d} predates saved generator state: the learner resumes with a "
+                          "freshly seeded generator, not exactly where it stopped", stacklevel=2)

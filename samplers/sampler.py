@@ -57,12 +57,21 @@ class Sampler:
         self.checksum = state_checksum(self.velocity.state_dict())
 
     def apply(self, version: int, state: dict[str, torch.Tensor], checksum: str) -> tuple[int, str]:
-        """Load published weights after checking their checksum; returns (version, checksum)."""
+        """Load published weights after checking their checksum; returns (version, checksum).
+
+        ``state`` may hold a subset of the policy's tensors (an adapted policy publishes only
+        its trainable ones); the others keep their values. Nothing is loaded on a mismatch."""
         actual = state_checksum(state)
         if actual != checksum:
             raise WeightsMismatch(f"weights for version {version} fail their checksum "
                                   f"({actual[:12]} != {checksum[:12]}); not applied")
-        self.velocity.load_state_dict(state)
+        own = self.velocity.state_dict()
+        unknown = sorted(set(state) - set(own))
+        wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+        if unknown or wrong:
+            raise WeightsMismatch(f"weights for version {version} do not fit this policy: unknown tensors "
+                                  f"{unknown[:3]}, wrong shapes {wrong[:3]}; not applied")
+        self.velocity.load_state_dict(state, strict=False)
         self.version, self.checksum = int(version), checksum
         return self.version, self.checksum
 

@@ -1,23 +1,38 @@
-"""Ray actors: samplers, reward workers and the learner.
+"""Ray actors: samplers, reward workers and the learner, placed by one placement group.
 
 Each actor wraps one plain object (``Sampler``, a reward, ``Learner``) and adds
-nothing but placement and the object-store hand-offs: trajectories and weights
-travel as object references, the driver never holds their tensors.
+nothing but placement and the hand-offs: trajectories and weights travel as object
+references (or, for weights, a torch.distributed broadcast); the driver never holds
+their tensors. Samplers and the reward actor restart when they die (``max_restarts``);
+the learner does not.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from learner.learner import WeightsPayload
 from samplers.trajectory import Trajectory
 from services.config import ResourcesConfig, TrainConfig
 from services.rewards import RewardStage, component_means
+from services.weight_sync import (
+    WirePayload,
+    broadcast_state,
+    group_address,
+    join_group,
+    receive_state,
+)
 from services.world import build_learner, build_sampler
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place the run's actors."""
 
 
 class SamplerWorker:
@@ -26,16 +41,27 @@ class SamplerWorker:
         self.index = index
         self.sampler = build_sampler(cfg)
 
-    def apply_weights(self, payload: WeightsPayload) -> tuple[int, str]:
+    def apply_weights(self, payload: WirePayload) -> tuple[int, str]:
         """Apply published weights; returns the (version, checksum) now in use."""
-        return self.sampler.apply(payload.version, payload.state, payload.checksum)
+        return self.sampler.apply(payload.version, payload.state(), payload.checksum)
 
+    @ray.method(num_returns=2)
     def rollout(self, prompts: list[str], samples_per_prompt: int, seeds: list[int],
-                cfg_scale: float | None = None, kind: str | None = None) -> Trajectory:
-        return self.sampler.rollout(prompts, samples_per_prompt, seeds, cfg_scale, kind)
+                cfg_scale: float | None = None, kind: str | None = None) -> tuple[Trajectory, dict[str, Any]]:
+        """The trajectory, and a few bytes about it that the driver reads instead of the tensors."""
+        traj = self.sampler.rollout(prompts, samples_per_prompt, seeds, cfg_scale, kind)
+        return traj, {"version": traj.version, "size": traj.size}
 
     def version(self) -> tuple[int, str]:
         return self.sampler.version, self.sampler.checksum
+
+    def join_group(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        join_group(address, port, rank, world_size, timeout_s)
+
+    def receive_weights(self) -> tuple[int, str]:
+        """Receive a broadcast from the learner, verify it, apply it."""
+        version, checksum, state = receive_state(self.sampler.velocity.state_dict())
+        return self.sampler.apply(version, state, checksum)
 
 
 class RewardWorker:
@@ -67,24 +93,92 @@ class LearnerWorker:
             stats["accuracy"] = float(np.mean(scored["digits_classifier/correct"]))
         return stats
 
-    def publish(self, current: bool = False) -> WeightsPayload:
-        return self.learner.publish(current)
+    @ray.method(num_returns=2)
+    def publish(self, current: bool = False) -> tuple[WirePayload, tuple[int, str]]:
+        """The payload (for samplers) and its (version, checksum) (for the driver)."""
+        p = self.learner.publish(current)
+        return WirePayload.from_state(p.version, p.state, p.checksum), (p.version, p.checksum)
+
+    def group_address(self) -> tuple[str, int]:
+        return group_address()
+
+    def join_group(self, address: str, port: int, world_size: int, timeout_s: float) -> None:
+        join_group(address, port, 0, world_size, timeout_s)
+
+    def broadcast_weights(self, current: bool = False) -> tuple[int, str]:
+        """Broadcast the published weights to the group; returns (version, checksum)."""
+        p = self.learner.publish(current)
+        broadcast_state(p.version, p.state, p.checksum)
+        return p.version, p.checksum
 
     def save(self, directory: str) -> str:
         return str(self.learner.save(directory))
 
+    def load(self, directory: str) -> tuple[int, int]:
+        """Restore a checkpoint; returns the learner's (step, version)."""
+        self.learner.load(directory)
+        return self.learner.step, self.learner.version
 
-def _opts(cpus: float, gpus: float) -> dict[str, Any]:
-    return {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1}
+
+@dataclass
+class Actors:
+    samplers: list[Any]
+    reward: Any
+    learner: Any
+    group: PlacementGroup | None
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their placement group (a joined cluster keeps running)."""
+        for a in (*self.samplers, self.reward, self.learner):
+            ray.kill(a, no_restart=True)
+        if self.group is not None:
+            remove_placement_group(self.group)
 
 
-def start_actors(cfg: TrainConfig) -> tuple[list[Any], Any, Any]:
-    """Samplers, reward worker and learner, placed by the declared resources."""
+def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    b = {"CPU": cpus, "GPU": gpus, **custom}
+    return {k: v for k, v in b.items() if v > 0}
+
+
+def reserve(cfg: TrainConfig, name: str) -> tuple[PlacementGroup | None, list[dict[str, float]]]:
+    """One bundle per actor (learner, reward, samplers…), reserved all at once, so a run
+    either gets every role's resources or fails naming what it asked for."""
     r: ResourcesConfig = cfg.resources
-    samplers = [
-        ray.remote(SamplerWorker).options(name=None, **_opts(r.sampler_cpus, r.sampler_gpus)).remote(cfg, i)
-        for i in range(r.num_samplers)
-    ]
-    reward = ray.remote(RewardWorker).options(**_opts(r.reward_cpus, r.reward_gpus)).remote(cfg)
-    learner = ray.remote(LearnerWorker).options(**_opts(r.learner_cpus, r.learner_gpus)).remote(cfg)
-    return samplers, reward, learner
+    bundles = [_bundle(r.learner_cpus, r.learner_gpus, r.learner_resources),
+               _bundle(r.reward_cpus, r.reward_gpus, r.reward_resources),
+               *[_bundle(r.sampler_cpus, r.sampler_gpus, r.sampler_resources)] * r.num_samplers]
+    if r.placement == "none":
+        return None, bundles
+    pg = placement_group(bundles, strategy=r.placement.upper(), name=name)
+    try:
+        ray.get(pg.ready(), timeout=r.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        roles = ["learner", "reward"] + [f"sampler {i}" for i in range(r.num_samplers)]
+        asked = "; ".join(f"{role} {b}" for role, b in zip(roles, bundles, strict=True))
+        raise PlacementError(f"the cluster could not place the run's actors within {r.placement_timeout_s:g} s "
+                             f"(strategy {r.placement.upper()}): asked {asked}; the cluster has "
+                             f"{ray.cluster_resources()} — lower resources.* or add nodes") from None
+    return pg, bundles
+
+
+def start_actors(cfg: TrainConfig, name: str = "fmrl") -> Actors:
+    """Samplers, reward worker and learner in their bundles; actor names are ``<name>-learner``,
+    ``<name>-reward``, ``<name>-sampler-<i>`` (so operators and tests can find them)."""
+    r = cfg.resources
+    pg, bundles = reserve(cfg, name)
+
+    def opts(i: int, restarts: int) -> dict[str, Any]:
+        b = bundles[i]
+        o: dict[str, Any] = {"num_cpus": b.get("CPU", 0), "num_gpus": b.get("GPU", 0), "max_concurrency": 1,
+                             "resources": {k: v for k, v in b.items() if k not in ("CPU", "GPU")},
+                             "max_restarts": restarts, "max_task_retries": 0}
+        if pg is not None:
+            o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        return o
+
+    learner = ray.remote(LearnerWorker).options(name=f"{name}-learner", **opts(0, 0)).remote(cfg)
+    reward = ray.remote(RewardWorker).options(name=f"{name}-reward", **opts(1, r.max_restarts)).remote(cfg)
+    samplers = [ray.remote(SamplerWorker).options(name=f"{name}-sampler-{i}", **opts(2 + i, r.max_restarts))
+                .remote(cfg, i) for i in range(r.num_samplers)]
+    return Actors(samplers, reward, learner, pg)

@@ -27,6 +27,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.driver import train
 
     overrides = list(args.set or [])
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.name:
+            raise ValueError("--resume continues a run with its own config.yaml and name; "
+                             "give only --set overrides (e.g. run.iterations=400)")
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+        overrides += [f"run.name={run_dir.name}", f"run.out_dir={run_dir.parent}"]
+        train(load_config(run_dir / "config.yaml", overrides), resume=run_dir)
+        return 0
     if args.name:
         overrides.append(f"run.name={args.name}")
     cfg = load_config(args.config, overrides)
@@ -128,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file (default: built-in defaults)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. algorithm.orw.tau=5")
     t.add_argument("--name", help="run name (directory under run.out_dir)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last checkpoint "
+                   "(its config.yaml, plus any --set overrides)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="print the resolved config")

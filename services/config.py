@@ -41,6 +41,9 @@ class RunConfig(_Strict):
     iterations: int = Field(200, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
     seed: int = Field(0, ge=0, description="Seeds rollout noise, learner draws and evaluation noise.")
     progress: bool = Field(True, description="Show a progress bar (iteration, reward, time left).")
+    checkpoint_every: int = Field(50, ge=0, description="Write a resumable checkpoint every this many iterations "
+                                  "(0: only the final one); `fmrl train --resume runs/NAME` continues from the last.")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept; older ones are deleted.")
 
     @field_validator("name")
     @classmethod
@@ -243,6 +246,17 @@ class RewardConfig(_Strict):
         return any(c.kind == kind for c in self.components)
 
 
+class PipelineConfig(_Strict):
+    max_policy_lag: int = Field(0, ge=0, description="Published versions a batch may lag the learner by: 0 is "
+                                "synchronous; k ≥ 1 rolls out the next k batches while the learner updates. "
+                                "Rollouts beyond the bound are dropped (counted) and redone with current weights.")
+    weight_sync: Literal["object_store", "torch_distributed"] = Field(
+        "object_store", description="How published weights reach samplers: one zero-copy object in Ray's "
+        "object store, or a torch.distributed broadcast from the learner (gloo on CPU, NCCL on GPUs).")
+    sync_timeout_s: float = Field(300.0, gt=0, description="A torch.distributed broadcast (or group set-up) that "
+                                  "waits longer than this for a peer fails the run instead of stalling it.")
+
+
 class ResourcesConfig(_Strict):
     num_samplers: int = Field(2, ge=1, description="Sampler actors.")
     sampler_cpus: float = Field(0.5, gt=0, description="CPUs declared by each sampler actor.")
@@ -253,6 +267,29 @@ class ResourcesConfig(_Strict):
     reward_gpus: float = Field(0.0, ge=0, description="GPUs declared by each reward actor.")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray cluster (default: all).")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor.")
+    sampler_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each "
+                                                "sampler also needs, e.g. {inference_gpu: 1} to bind samplers to "
+                                                "the nodes that advertise it (deploy/ray-cluster.yaml).")
+    learner_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources of the "
+                                                "learner, e.g. {training_gpu: 1}.")
+    reward_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources of each "
+                                               "in-cluster reward actor.")
+    placement: Literal["pack", "spread", "none"] = Field(
+        "pack", description="One placement group reserves every actor's bundle before any starts (PACK: as few "
+        "nodes as fit; SPREAD: across nodes); 'none' places actors one by one.")
+    placement_timeout_s: float = Field(300.0, gt=0, description="Fail, naming the bundles, when the cluster cannot "
+                                       "place them within this long (an autoscaler may need minutes).")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a sampler or reward actor that dies; a restarted "
+                              "sampler is resynced and its lost rollout redone. The learner never restarts: "
+                              "the run stops with its last checkpoint (resume with --resume).")
+
+    @field_validator("sampler_resources", "learner_resources", "reward_resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if k in ("CPU", "GPU", "memory") or not x > 0]
+        if bad:
+            raise ValueError(f"{bad}: custom resources need positive amounts, and CPU/GPU have their own keys")
+        return v
 
 
 class EvalConfig(_Strict):
@@ -271,6 +308,7 @@ class TrainConfig(_Strict):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

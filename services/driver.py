@@ -1,11 +1,20 @@
 """The driver loop: wire the actors, move references, publish weights, write the run.
 
-One iteration (synchronous, on-policy up to the learner's refresh interval H):
+One iteration:
 
-    samplers ── rollout(prompts, seeds) ──► trajectory refs
+    samplers ── rollout(prompts, seeds) ──► trajectory refs (+ a few bytes: version, size)
     reward   ── score(*refs) ─────────────► scores ref
     learner  ── update(scores, *refs) ────► statistics (and maybe a new version)
-    learner  ── publish() ─► weights ref ─► every sampler applies it, reports its version
+    learner  ── publish ──────────────────► every sampler applies the new version
+
+With ``pipeline.max_policy_lag`` = k ≥ 1 the next k batches are already rolling out while
+the learner updates (a sampler applies a new version after the rollouts queued before
+it), so a batch is trained on by a learner up to k published versions ahead of the
+weights that rolled it out. The driver checks every part of a batch before the update:
+a part whose version lags more than k (say, from a sampler that restarted with its
+initial weights) is dropped and counted, and its prompts are rolled out again after the
+sampler is resynced; a part lost with its sampler is redone the same way, so every
+iteration trains on exactly its planned prompts and seeds, none twice.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +34,7 @@ import numpy as np
 import ray
 
 from reward_workers.digits import HeldoutSVM, prompt_digit
-from services.actors import start_actors
+from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, mean_pairwise_distance
 from services.report import reward_curve, sample_grid, summary_table
@@ -34,6 +45,13 @@ log = logging.getLogger("fmrl")
 
 class VersionMismatch(RuntimeError):
     """A sampler reports a policy version other than the one the learner published."""
+
+
+class LearnerLost(RuntimeError):
+    """The learner actor died; the run stops and keeps its last checkpoint."""
+
+
+_LOST = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
 
 
 def seed_for(*keys: int) -> int:
@@ -74,43 +92,198 @@ def ensure_ray(cfg: TrainConfig) -> bool:
 
 
 @dataclass
-class Stages:
-    samplers: list[Any]
-    reward: Any
-    learner: Any
+class Part:
+    """One sampler's share of a batch: what it was asked and the refs it returned."""
 
-    def rollout(self, prompts: list[str], samples_per_prompt: int, seeds: list[int],
-                cfg_scale: float | None = None, kind: str | None = None) -> list[Any]:
-        """Trajectory refs, the prompts divided among samplers (the order is kept)."""
-        pairs = list(zip(prompts, seeds, strict=True))
-        return [
-            s.rollout.remote([p for p, _ in chunk], samples_per_prompt, [z for _, z in chunk], cfg_scale, kind)
-            for s, chunk in zip(self.samplers, split_evenly(pairs, len(self.samplers)), strict=True)
-            if chunk
-        ]
+    sampler: int
+    prompts: list[str]
+    seeds: list[int]
+    traj: Any
+    meta: Any
 
-    def sync(self, current: bool = False) -> list[int]:
-        """Publish the learner's weights to every sampler; returns the version each applied,
-        after checking it (and its checksum) against what the learner published."""
-        payload = self.learner.publish.remote(current)
-        applied = ray.get([s.apply_weights.remote(payload) for s in self.samplers])
-        want = ray.get(payload)
-        for i, (version, checksum) in enumerate(applied):
-            if version != want.version or checksum != want.checksum:
+
+@dataclass
+class Batch:
+    iteration: int
+    parts: list[Part]
+    scores: Any = None
+    lags: list[int] = field(default_factory=list)
+    dropped_stale: int = 0
+    redone_lost: int = 0
+    lost_reward: int = 0
+
+
+class Pipeline:
+    """The actors, the history of published versions, and the moves between them."""
+
+    def __init__(self, actors: Actors, cfg: TrainConfig) -> None:
+        self.a = actors
+        self.cfg = cfg
+        self.published: list[int] = []
+        self.payload: Any = None  # object-store payload of the newest version (resyncs use it)
+        self.pending: dict[int, Any] = {}  # sampler → apply ref not yet verified
+        self.checksum = ""
+        self.applied = [0] * len(actors.samplers)
+        self.totals = {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0}
+        self.dist = cfg.pipeline.weight_sync == "torch_distributed"
+        self.current = False
+        self.regroup = self.dist
+
+    @property
+    def version(self) -> int:
+        return self.published[-1]
+
+    # ---- weights -------------------------------------------------------------------
+    def _form_group(self) -> None:
+        addr, port = ray.get(self.a.learner.group_address.remote())
+        world, t = len(self.a.samplers) + 1, self.cfg.pipeline.sync_timeout_s
+        ray.get([self.a.learner.join_group.remote(addr, port, world, t),
+                 *[s.join_group.remote(addr, port, i + 1, world, t) for i, s in enumerate(self.a.samplers)]],
+                timeout=t + 30)
+        self.regroup = False
+
+    def sync(self, current: bool = False, wait: bool = True, busy: list[Any] | None = None) -> None:
+        """Publish the learner's weights (π_old, or π_θ when ``current``) to every sampler.
+        ``wait``: block until every sampler applied and verified them; otherwise the
+        applies are queued behind the samplers' in-flight rollouts and checked later."""
+        self.payload, self.current = None, current
+        if self.dist:
+            if busy:  # the broadcast's timeout is for the transfer, not for rollouts ahead of it
+                ray.wait(busy, num_returns=len(busy))
+            if self.regroup:
+                self._form_group()
+            want = self.a.learner.broadcast_weights.remote(current)
+            refs = {i: s.receive_weights.remote() for i, s in enumerate(self.a.samplers)}
+            version, self.checksum = ray.get(want)
+        else:
+            self.payload, want = self.a.learner.publish.remote(current)
+            refs = {i: s.apply_weights.remote(self.payload) for i, s in enumerate(self.a.samplers)}
+            version, self.checksum = ray.get(want)
+        self.published.append(version)
+        self.pending.update(refs)
+        if wait:
+            self.check_applied(block=True)
+
+    def check_applied(self, block: bool = False) -> None:
+        """Verify finished applies (all of them when ``block``); a sampler that died meanwhile
+        is resynced."""
+        refs = list(self.pending.items())
+        if not block:
+            ready, _ = ray.wait([r for _, r in refs], num_returns=len(refs), timeout=0)
+            refs = [(i, r) for i, r in refs if r in set(ready)]
+        for i, ref in refs:
+            del self.pending[i]
+            try:
+                version, checksum = ray.get(ref)
+            except _LOST:
+                self.resync(i)
+                continue
+            if version != self.version or checksum != self.checksum:
                 raise VersionMismatch(f"sampler {i} applied version {version} ({checksum[:12]}), "
-                                      f"learner published {want.version} ({want.checksum[:12]})")
-        return [v for v, _ in applied]
+                                      f"learner published {self.version} ({self.checksum[:12]})")
+            self.applied[i] = version
+
+    def resync(self, i: int) -> None:
+        """Give sampler i the newest weights through the object store (after a restart its
+        policy is the initial checkpoint; the broadcast group is formed again at the next sync)."""
+        if self.payload is None:
+            self.payload, _ = self.a.learner.publish.remote(self.current)
+        self.pending.pop(i, None)
+        for attempt in range(self.cfg.resources.max_restarts + 1):
+            try:
+                version, _ = ray.get(self.a.samplers[i].apply_weights.remote(self.payload))
+                self.applied[i] = version
+                break
+            except _LOST:
+                if attempt == self.cfg.resources.max_restarts:
+                    raise
+        self.totals["resyncs"] += 1
+        self.regroup = self.dist
+
+    # ---- rollouts ------------------------------------------------------------------
+    def _rollout(self, i: int, prompts: list[str], seeds: list[int], n: int, cfg_scale: float | None,
+                 kind: str | None) -> Part:
+        traj, meta = self.a.samplers[i].rollout.remote(prompts, n, seeds, cfg_scale, kind)
+        return Part(i, prompts, seeds, traj, meta)
+
+    def launch(self, it: int, prompts: list[str], seeds: list[int], n: int,
+               cfg_scale: float | None = None, kind: str | None = None) -> Batch:
+        """Rollouts of the prompts divided among samplers (order kept), and their scoring."""
+        pairs = list(zip(prompts, seeds, strict=True))
+        parts = [self._rollout(i, [p for p, _ in chunk], [z for _, z in chunk], n, cfg_scale, kind)
+                 for i, chunk in enumerate(split_evenly(pairs, len(self.a.samplers))) if chunk]
+        return Batch(it, parts, self.a.reward.score.remote(*[p.traj for p in parts]))
+
+    def settle(self, b: Batch, max_lag: int, n: int, cfg_scale: float | None = None,
+               kind: str | None = None) -> None:
+        """Make every part of ``b`` a rollout within ``max_lag`` published versions of the
+        newest, redoing parts lost with their sampler or too stale; then make sure of its scores."""
+        self.check_applied()
+        redone = False
+        for _ in range(4 * (self.cfg.resources.max_restarts + 1)):
+            bad = []
+            b.lags = []
+            for k, part in enumerate(b.parts):
+                try:
+                    meta = ray.get(part.meta)
+                except _LOST:
+                    b.redone_lost += len(part.prompts) * n
+                    bad.append(k)
+                    continue
+                lag = self.lag(meta["version"])
+                if lag > max_lag:
+                    b.dropped_stale += meta["size"]
+                    bad.append(k)
+                b.lags.append(lag)
+            if not bad:
+                break
+            redone = True
+            for k in bad:
+                part = b.parts[k]
+                self.resync(part.sampler)
+                b.parts[k] = self._rollout(part.sampler, part.prompts, part.seeds, n, cfg_scale, kind)
+        else:
+            raise RuntimeError(f"iteration {b.iteration}: rollouts kept failing after "
+                               f"{self.cfg.resources.max_restarts} restarts per sampler")
+        if redone:
+            b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
+        for attempt in range(self.cfg.resources.max_restarts + 1):
+            try:
+                ray.get(b.scores)  # a few floats per rollout; raises the reward's own errors
+                break
+            except _LOST:
+                if attempt == self.cfg.resources.max_restarts:
+                    raise
+                b.lost_reward += 1
+                b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
+        for k in ("dropped_stale", "redone_lost", "lost_reward"):
+            self.totals[k] += getattr(b, k)
+
+    def lag(self, version: int) -> int:
+        """Published versions between ``version`` and the newest (a large number when it was
+        never published in this run, e.g. a restarted sampler's initial weights after a resume)."""
+        for back, v in enumerate(reversed(self.published)):
+            if v == version:
+                return back
+        return 1 << 30
+
+    def update(self, b: Batch) -> dict[str, Any]:
+        try:
+            return ray.get(self.a.learner.update.remote(b.scores, *[p.traj for p in b.parts]))
+        except _LOST as exc:
+            raise LearnerLost(f"the learner died at iteration {b.iteration}: {exc}") from None
 
 
-def evaluate(stages: Stages, cfg: TrainConfig, version: int, svm: HeldoutSVM) -> Evaluation:
+def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM) -> Evaluation:
     """CFG-free ODE samples of every prompt from fixed noise, scored by the reward and the SVM
     (the same measurement whichever sampler the algorithm trains with)."""
     prompts = list(dict.fromkeys(cfg.rollout.prompts))
     n = cfg.eval.samples_per_prompt
     seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
-    refs = stages.rollout(prompts, n, seeds, cfg_scale=1.0, kind="ode")
-    scored = ray.get(stages.reward.score.remote(*refs))
-    flat = np.concatenate([t.images for t in ray.get(refs)])
+    batch = pipe.launch(-1, prompts, seeds, n, cfg_scale=1.0, kind="ode")
+    pipe.settle(batch, 0, n, cfg_scale=1.0, kind="ode")
+    scored = ray.get(batch.scores)
+    flat = np.concatenate([t.images for t in ray.get([p.traj for p in batch.parts])])
     images = flat.reshape(len(prompts), n, *flat.shape[1:])
     target = np.repeat([prompt_digit(p) for p in prompts], n)
     correct = svm.predict(images.reshape(-1, *images.shape[2:])) == target
@@ -141,20 +314,6 @@ def batch_plan(cfg: TrainConfig, it: int) -> tuple[list[str], list[int]]:
     return chosen, [seed_for(cfg.run.seed, it, k) for k in range(per_it)]
 
 
-def train_iteration(stages: Stages, cfg: TrainConfig, it: int, version: int) -> tuple[dict[str, Any], list[int] | None]:
-    """Rollout → reward → update; publish when the learner has a new version.
-
-    Returns the learner's statistics and, after a publish, the version each sampler applied.
-    """
-    prompts, seeds = batch_plan(cfg, it)
-    refs = stages.rollout(prompts, cfg.rollout.samples_per_prompt, seeds)
-    stats = ray.get(stages.learner.update.remote(stages.reward.score.remote(*refs), *refs))
-    if stats["rollout_version"] != version:
-        raise VersionMismatch(f"iteration {it} trained on version {stats['rollout_version']}, "
-                              f"samplers were at {version}")
-    return stats, (stages.sync() if stats["version"] != version else None)
-
-
 def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: dict[str, Any],
                   grid_columns: int, probability: bool = True) -> dict[str, Any]:
     """The grid, the curve, summary.json and summary.txt; prints the table. ``probability``:
@@ -171,44 +330,140 @@ def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: d
     return summary
 
 
-def train(cfg: TrainConfig, config_name: str = "digits") -> dict[str, Any]:
-    """Run the job the config describes; returns the summary (also written to the run)."""
+CHECKPOINTS = "checkpoints"
+
+
+def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float, keep: int) -> Path:
+    """checkpoints/iter-<next_it>/: the learner's files and driver.json, made complete under a
+    temporary name and then renamed, and checkpoints/latest naming it (replaced atomically);
+    a run killed at any moment leaves its previous checkpoint whole."""
+    root = run_dir / CHECKPOINTS
+    final = root / f"iter-{next_it:07d}"
+    tmp = root / f".iter-{next_it:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ray.get(pipe.a.learner.save.remote(str(tmp.resolve())))
+    state = {"iteration": next_it, "version": pipe.version, "elapsed_s": elapsed, "totals": pipe.totals}
+    (tmp / "driver.json").write_text(json.dumps(state, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (root / "latest.tmp").write_text(final.name + "\n")
+    (root / "latest.tmp").replace(root / "latest")
+    for old in sorted(root.glob("iter-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    pointer = run_dir / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{run_dir} has no resumable checkpoint ({pointer} missing); "
+                                "runs write one every run.checkpoint_every iterations")
+    ckpt = run_dir / CHECKPOINTS / pointer.read_text().strip()
+    if not (ckpt / "driver.json").is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} named by {pointer} is incomplete (no driver.json)")
+    return ckpt
+
+
+def _metrics_upto(path: Path, next_it: int) -> list[str]:
+    """The lines of a run's metrics.jsonl that precede iteration ``next_it``."""
+    keep = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if (row["kind"] == "eval" and row["when"] == "before") or \
+                (row["kind"] == "train" and row["iteration"] < next_it):
+            keep.append(line)
+    return keep
+
+
+def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = None) -> dict[str, Any]:
+    """Run the job the config describes (or continue ``resume``, a run directory, from its
+    last checkpoint); returns the summary (also written to the run)."""
     from tqdm import tqdm
 
     policy_checkpoint(cfg.policy)  # fail before any directory or cluster exists
-    run_dir = make_run_dir(cfg, config_name)
+    if resume is None:
+        run_dir = make_run_dir(cfg, config_name)
+        ckpt = None
+    else:
+        run_dir = Path(resume)
+        ckpt = latest_checkpoint(run_dir)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     started_ray = ensure_ray(cfg)
     t0 = time.time()
+    actors = None
     try:
-        stages = Stages(*start_actors(cfg))
+        actors = start_actors(cfg, f"fmrl-{run_dir.name}")
+        pipe = Pipeline(actors, cfg)
         svm = HeldoutSVM()
-        before = evaluate(stages, cfg, 0, svm)
-        version, applied = 0, [0] * len(stages.samplers)
-        with (run_dir / "metrics.jsonl").open("w") as mf, \
-                tqdm(total=cfg.run.iterations, disable=not cfg.run.progress, desc="train", unit="it",
-                     dynamic_ncols=True) as bar:
-            mf.write(json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()}) + "\n")
-            for it in range(cfg.run.iterations):
-                stats, synced = train_iteration(stages, cfg, it, version)
-                if synced is not None:
-                    applied, version = synced, synced[0]
+        lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
+        if ckpt is None:
+            start = 0
+            pipe.published.append(0)
+            if pipe.dist:
+                pipe.sync()  # forms the group and proves it before the first rollout
+            before = evaluate(pipe, cfg, 0, svm)
+            before.save(run_dir / "eval_before.npz")
+            lines = [json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()})]
+        else:
+            state = json.loads((ckpt / "driver.json").read_text())
+            ray.get(actors.learner.load.remote(str(ckpt.resolve())))
+            start, t0 = state["iteration"], t0 - state["elapsed_s"]
+            pipe.totals.update(state["totals"])
+            pipe.sync()
+            if pipe.version != state["version"]:
+                raise VersionMismatch(f"checkpoint {ckpt} holds version {pipe.version}, driver.json says "
+                                      f"{state['version']}")
+            before = Evaluation.load(run_dir / "eval_before.npz")
+            lines = _metrics_upto(run_dir / "metrics.jsonl", start)
+            print(f"resuming {run_dir} at iteration {start} (version {pipe.version}) from {ckpt}")
+        (run_dir / "metrics.jsonl.tmp").write_text("".join(x + "\n" for x in lines))
+        (run_dir / "metrics.jsonl.tmp").replace(run_dir / "metrics.jsonl")
+        inflight: deque[Batch] = deque()
+        next_it = start
+        every = cfg.run.checkpoint_every
+        with (run_dir / "metrics.jsonl").open("a") as mf, \
+                tqdm(total=cfg.run.iterations, initial=start, disable=not cfg.run.progress, desc="train",
+                     unit="it", dynamic_ncols=True) as bar:
+            for it in range(start, cfg.run.iterations):
+                while next_it < cfg.run.iterations and len(inflight) <= lag:
+                    inflight.append(pipe.launch(next_it, *batch_plan(cfg, next_it), n))
+                    next_it += 1
+                batch = inflight.popleft()
+                pipe.settle(batch, lag, n)
+                stats = pipe.update(batch)
+                if stats["version"] != pipe.version:
+                    pipe.sync(wait=lag == 0, busy=[p.traj for b in inflight for p in b.parts])
                 row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
-                       "sampler_versions": applied, **stats}
+                       "sampler_versions": list(pipe.applied), "lag": max(batch.lags),
+                       "dropped_stale": batch.dropped_stale, "redone_lost": batch.redone_lost,
+                       "lost_reward": batch.lost_reward, **stats}
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
-                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", v=version)
+                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", v=pipe.version)
                 bar.update(1)
-            final_version = stages.sync(current=True)[0]
-            after = evaluate(stages, cfg, final_version, svm)
-            mf.write(json.dumps({"kind": "eval", "when": "after", "version": final_version, **after.headline()}) + "\n")
-        ckpt = ray.get(stages.learner.save.remote(str((run_dir / "checkpoint").resolve())))
+                done = it + 1
+                if (every and done % every == 0) or done == cfg.run.iterations:
+                    save_checkpoint(pipe, run_dir, done, time.time() - t0, cfg.run.keep_checkpoints)
+            pipe.check_applied(block=True)
+            pipe.sync(current=True)
+            after = evaluate(pipe, cfg, pipe.version, svm)
+            mf.write(json.dumps({"kind": "eval", "when": "after", "version": pipe.version, **after.headline()}) + "\n")
+        final = ray.get(actors.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         summary = write_outputs(run_dir, before, after, {
-            "checkpoint": ckpt, "seconds": round(time.time() - t0, 1),
-            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy}, cfg.eval.grid_columns,
+            "checkpoint": final, "seconds": round(time.time() - t0, 1),
+            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy, "pipeline": pipe.totals},
+            cfg.eval.grid_columns,
             probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
         print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
         return summary
+    except LearnerLost as exc:
+        where = run_dir / CHECKPOINTS / "latest"
+        hint = (f"last checkpoint: {latest_checkpoint(run_dir)}; continue with `fmrl train --resume {run_dir}`"
+                if where.is_file() else "no checkpoint was written yet")
+        raise LearnerLost(f"{exc}\n{hint}") from None
     finally:
+        if actors is not None and not started_ray:
+            actors.shutdown()
         if started_ray:
             ray.shutdown()

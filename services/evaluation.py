@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +31,21 @@ class Evaluation:
     def headline(self) -> dict[str, float]:
         """The three figures the summary reports."""
         return {"reward": self.reward, "accuracy": self.accuracy, "diversity": self.diversity}
+
+    def save(self, path: Path) -> None:
+        """One .npz: the images and the figures (a resumed run reports the original 'before')."""
+        meta = {k: v for k, v in asdict(self).items() if k != "images"}
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, images=self.images, meta=np.array(json.dumps(meta)))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Evaluation:
+        with np.load(path) as f:
+            meta = json.loads(str(f["meta"]))
+            images = f["images"]
+        tuples = {k: tuple(meta[k]) for k in ("prompts", "per_prompt_reward", "per_prompt_diversity")}
+        return cls(images=images, **{**meta, **tuples})
 
 
 def mean_pairwise_distance(images: np.ndarray) -> float:
