@@ -9,9 +9,12 @@ import time
 
 import pytest
 import ray
+import torch
 
+from samplers.policy import state_checksum
 from services.actors import PlacementError, start_actors
 from services.driver import LearnerLost, latest_checkpoint, train
+from services.weight_sync import broadcast_state, group_address, join_group, receive_state
 from tests.services.conftest import short_config
 
 # counters of what the pipeline redid; they differ between a faulty run and a clean one
@@ -151,3 +154,49 @@ def test_unplaceable_roles_fail_naming_the_resource(cluster, tmp_path, small_pol
                                                      "resources.placement_timeout_s": 1})
     with pytest.raises(PlacementError, match="inference_gpu"):
         start_actors(cfg, "fmrl-nowhere")
+
+
+@ray.remote(num_cpus=0.1)
+class _Member:
+    """One process of a weight-sync group: rank 0 broadcasts, the others receive."""
+
+    def address(self):
+        return group_address()
+
+    def join(self, address, port, rank, world, timeout_s):
+        join_group(address, port, rank, world, timeout_s)
+
+    def send(self, version, state):
+        return broadcast_state(version, state, state_checksum(state))
+
+    def receive(self, template):
+        t0 = time.time()
+        try:
+            version, checksum, state = receive_state(template)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return "error", f"{type(exc).__name__}: {exc}", time.time() - t0
+        return version, checksum, state_checksum(state)
+
+
+def test_torch_distributed_broadcast_is_verified_and_a_missing_peer_times_out(cluster):
+    members = [_Member.remote() for _ in range(3)]
+    addr, port = ray.get(members[0].address.remote())
+    ray.get([m.join.remote(addr, port, r, 3, 3.0) for r, m in enumerate(members)])
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(300, 7), "b.bias": torch.randn(11).to(torch.bfloat16)}
+    template = {k: torch.zeros_like(v) for k, v in state.items()}
+    sent = members[0].send.remote(5, state)
+    got = ray.get([m.receive.remote(template) for m in members[1:]])
+    assert ray.get(sent) == 300 * 7 * 4 + 11 * 2
+    assert got == [(5, state_checksum(state), state_checksum(state))] * 2
+    # a receiver whose policy has another shape refuses, naming it, and the group stays in step
+    wrong = {"a.weight": torch.zeros(300, 6), "b.bias": template["b.bias"]}
+    sent = members[0].send.remote(6, state)
+    got = ray.get([members[1].receive.remote(wrong), members[2].receive.remote(template)])
+    assert got[0][0] == "error" and "the learner and sampler policies differ" in got[0][1]
+    assert got[1] == (6, state_checksum(state), state_checksum(state))
+    # nobody broadcasts: the receivers fail after the group's 3 s timeout instead of waiting forever
+    got = ray.get([m.receive.remote(template) for m in members[1:]], timeout=60)
+    assert all(g[0] == "error" and 2.5 < g[2] < 30 for g in got), got
+    for m in members:
+        ray.kill(m)
