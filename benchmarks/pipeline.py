@@ -91,7 +91,7 @@ def end_to_end(cfg, skip: int) -> float:  # noqa: ANN001 - a TrainConfig
     train(cfg)
     rows = [json.loads(x) for x in (cfg.run.out_dir / cfg.run.name / "metrics.jsonl").read_text().splitlines()]
     t = [r["time_s"] for r in rows if r["kind"] == "train"][skip:]
-    return statistics.median(b - a for a, b in zip(t, t[1:]))
+    return statistics.median(b - a for a, b in zip(t, t[1:], strict=False))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -299,3 +300,11 @@ def test_kuberay_rayjob_manifest() -> None:
         # KubeRay's form: a shell-quoted JSON object, '"{\"name\": 1}"' in the YAML.
         custom = json.loads(group["rayStartParams"]["resources"].strip('"').replace('\\"', '"'))
         assert custom == {name.replace("-", "_"): int(container["resources"]["limits"]["nvidia.com/gpu"])}, name
+    # the entrypoint's overrides are a valid config whose samplers and learner declare the
+    # custom resource of their own group, so each role is placed only there
+    from services.config import load_config
+
+    words = shlex.split(spec["entrypoint"])
+    cfg = load_config(None, [words[i + 1] for i, w in enumerate(words) if w == "--set"])
+    assert cfg.resources.sampler_resources == {"inference_gpu": 1.0}
+    assert cfg.resources.learner_resources == {"training_gpu": 1.0}

@@ -95,12 +95,13 @@ def test_the_lag_bound_holds_and_the_pipeline_overlaps(cluster, tmp_path, small_
     assert rows[2]["loss"] != ref[2]["loss"]  # stale batches really were trained on (v1 = v0: warm-up)
 
 
-def test_torch_distributed_sync_with_a_sampler_killed_mid_run(cluster, tmp_path, small_policy, reference):
+def test_torch_distributed_sync_with_a_sampler_and_the_reward_killed_mid_run(cluster, tmp_path, small_policy, reference):
     cfg = _cfg(tmp_path, small_policy, "killed", **{"pipeline.weight_sync": "torch_distributed",
                                                     "pipeline.sync_timeout_s": 60})
     thread, box = _in_thread(lambda: train(cfg))
     _wait_for(tmp_path / "killed" / "eval_before.npz", thread)
-    ray.kill(ray.get_actor("fmrl-killed-sampler-1"), no_restart=False)  # Ray restarts it
+    ray.kill(ray.get_actor("fmrl-killed-sampler-1"), no_restart=False)  # Ray restarts them
+    ray.kill(ray.get_actor("fmrl-killed-reward"), no_restart=False)
     thread.join(300)
     assert "error" not in box, box.get("error")
     totals = box["result"]["pipeline"]

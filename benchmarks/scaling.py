@@ -1,0 +1,129 @@
+"""A scaling estimate to 8, 64 and 512 GPUs from stage costs, with its assumptions stated.
+
+Not a measurement: a model of one iteration, fed with the driver overhead measured by
+benchmarks/pipeline.py (docs/pipeline.json) and with per-sample GPU costs derived from
+FLOP counts of an SD3.5-medium-sized transformer at an assumed model FLOP utilisation
+(no GPU was lent to measure them; benchmarks/gpu_rollout.py, issue 6, will). Every
+assumption is a named constant below and is printed into docs/performance.md.
+
+Model of one iteration (weak scaling: every inference GPU rolls out SAMPLES_PER_GPU):
+    rollout   = SAMPLES_PER_GPU × t_rollout                       (all inference GPUs at once)
+    reward    = B × t_reward / reward_gpus                        (B = G_inf × SAMPLES_PER_GPU)
+    learn     = B × t_learn / G_train × (1 + allreduce share)
+    sync      = payload / NCCL bandwidth                          (a pipelined broadcast: ~flat in N)
+    driver    = CALLS_PER_SAMPLER × G_inf × call overhead         (one driver submits every call)
+    lag 0:  T = rollout + reward + learn + sync + driver;  lag ≥ 1:  T = max(rollout, reward, learn + sync) + driver
+
+    .venv/bin/python benchmarks/scaling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from pipeline import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
+
+# ---- assumptions ------------------------------------------------------------------------
+PARAMS = 2.24e9            # SD3.5-medium MMDiT-X transformer parameters
+LAYERS, WIDTH = 24, 1536   # its joint blocks and hidden size
+TOKENS = 1024 + 333        # 512 px: 64×64 latents in 2×2 patches, plus 77 CLIP + 256 T5 text tokens
+STEPS = 10                 # Euler steps per rollout
+CFG = 2                    # classifier-free guidance doubles the rollout batch
+PEAK = 989e12              # H100 SXM dense bf16 FLOP/s
+MFU_ROLLOUT, MFU_LEARN = 0.40, 0.35
+LORA_PARAMS = 18.9e6       # rank 32 on q, k, v, out of both streams in 24 blocks: 24·2·4·2·1536·32
+SAMPLES_PER_GPU = 64       # rollouts per inference GPU per iteration
+T_REWARD = 0.010           # s per image on one GPU for a CLIP-L/14-sized scorer (≈ 80 GFLOP/image at ~1% of peak incl. preprocessing)
+NCCL_BW = 25e9             # B/s of a broadcast over InfiniBand/NVLink between nodes
+ALLREDUCE_SHARE = 0.05     # data-parallel learner: gradient all-reduce of LoRA weights per step
+CALLS_PER_SAMPLER = 3      # rollout (+ its metadata read) and one weights apply per iteration
+
+
+def per_sample() -> tuple[float, float]:
+    """Seconds per image on one GPU: rollout (10 steps with CFG) and one learner sample
+    (LoRA: policy forward + activation backward ≈ 2 forwards, plus the W2 term's reference forward)."""
+    forward = 2 * PARAMS * TOKENS + 4 * LAYERS * WIDTH * TOKENS**2
+    return STEPS * CFG * forward / (PEAK * MFU_ROLLOUT), 3 * forward / (PEAK * MFU_LEARN)
+
+
+def iteration(g: int, g_train: int, g_reward: float, lag: int, payload: float, call_s: float,
+              data_parallel: bool) -> dict[str, float]:
+    t_roll, t_learn = per_sample()
+    g_inf = g - g_train
+    b = g_inf * SAMPLES_PER_GPU
+    learners = g_train if data_parallel else 1
+    parts = {"rollout": SAMPLES_PER_GPU * t_roll, "reward": b * T_REWARD / g_reward,
+             "learn": b * t_learn / learners * (1 + (ALLREDUCE_SHARE if learners > 1 else 0)),
+             "sync": payload / NCCL_BW, "driver": CALLS_PER_SAMPLER * g_inf * call_s}
+    serial = sum(parts.values())
+    overlapped = max(parts["rollout"], parts["reward"], parts["learn"] + parts["sync"]) + parts["driver"]
+    t = serial if lag == 0 else overlapped
+    return {**parts, "g_inf": g_inf, "batch": b, "iteration_s": t, "images_per_s": b / t,
+            "ideal_images_per_s": g_inf / t_roll}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    measured = json.loads((ROOT / "docs" / "pipeline.json").read_text())
+    call_s = statistics.median(r["empty_call_s"] for r in measured)
+    t_roll, t_learn = per_sample()
+    lora, full = 2 * LORA_PARAMS, 2 * PARAMS  # bf16 bytes
+    lines = ["| GPUs | design | inference / training GPUs | batch | rollout | reward | learn | sync | driver "
+             "| iteration (lag 0 / lag 1) | images/s (lag 1) | share of inference GPUs busy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = {}
+    for g in (8, 64, 512):
+        # as built: one learner actor on one training GPU, one reward actor sharing a GPU
+        # as needed: training GPUs sized to the rollout cost, a data-parallel learner, rewards on 1/16 of the GPUs
+        ratio = t_roll / t_learn  # inference GPUs one training GPU keeps up with
+        g_train = max(1, round(g / (1 + ratio)))
+        for design, gt, gr, dp in (("as built", 1, 1.0, False), ("data-parallel learner", g_train, max(1, g / 16), True)):
+            r0 = iteration(g, gt, gr, 0, lora, call_s, dp)
+            r1 = iteration(g, gt, gr, 1, lora, call_s, dp)
+            rows[g, dp] = r1
+            lines.append(
+                f"| {g} | {design} | {int(r1['g_inf'])} / {gt} | {int(r1['batch'])} | {r1['rollout']:.1f} s "
+                f"| {r1['reward']:.1f} s | {r1['learn']:.1f} s | {r1['sync'] * 1e3:.1f} ms | {r1['driver'] * 1e3:.0f} ms "
+                f"| {r0['iteration_s']:.1f} / {r1['iteration_s']:.1f} s | {r1['images_per_s']:.0f} "
+                f"| {r1['images_per_s'] / r1['ideal_images_per_s']:.0%} |")
+    text = (
+        "An estimate, not a measurement (`.venv/bin/python benchmarks/scaling.py`; model and constants in "
+        "the script). Inputs: the driver's per-call overhead measured by benchmarks/pipeline.py "
+        f"({call_s * 1e3:.2f} ms on this machine); per-image GPU costs from FLOP counts of an "
+        f"SD3.5-medium-sized transformer ({PARAMS / 1e9:.2f} B parameters, {TOKENS} tokens at 512 px): "
+        f"a rollout of {STEPS} steps with CFG is {t_roll:.2f} s at {MFU_ROLLOUT:.0%} MFU of an H100's "
+        f"{PEAK / 1e12:.0f} TFLOP/s, one learner sample (LoRA forward + backward + the W2 reference forward) "
+        f"{t_learn * 1e3:.0f} ms at {MFU_LEARN:.0%}; {SAMPLES_PER_GPU} rollouts per inference GPU per "
+        f"iteration; LoRA r32 weights ({lora / 1e6:.0f} MB bf16; full weights would be {full / 1e9:.1f} GB, "
+        f"{full / NCCL_BW:.2f} s) broadcast at {NCCL_BW / 1e9:.0f} GB/s; a CLIP-sized reward at "
+        f"{T_REWARD * 1e3:.0f} ms per image per GPU.\n\n" + "\n".join(lines) + "\n\n"
+        f"What it says: one inference GPU produces an image every {t_roll:.2f} s and one training GPU "
+        f"consumes one every {t_learn * 1e3:.0f} ms, so a single learner GPU keeps up with about "
+        f"{t_roll / t_learn:.0f} inference GPUs. As built (one learner actor, one reward actor) the runtime "
+        f"keeps {rows[8, False]['images_per_s'] / rows[8, False]['ideal_images_per_s']:.0%} of 7 inference GPUs "
+        "busy at 8 GPUs with lag 1; at 64 and 512 GPUs the single learner caps it at "
+        f"{rows[512, False]['images_per_s']:.0f} images/s whatever the cluster. Past 8 GPUs the learner "
+        "must be data-parallel over training GPUs (not built: the learner is one actor) and rewards scaled "
+        "out (Redis reward services already scale horizontally, docs/rewards.md); then "
+        f"{rows[512, True]['images_per_s'] / rows[512, True]['ideal_images_per_s']:.0%} of the inference GPUs "
+        f"stay busy at 512. The one driver's calls cost {rows[512, True]['driver']:.1f} s per iteration at "
+        f"512 GPUs ({rows[512, True]['driver'] / rows[512, True]['iteration_s']:.0%} of it): a tree of "
+        "sub-drivers would be the next step beyond that. LoRA weight sync is milliseconds; full weights "
+        f"would add {full / NCCL_BW:.2f} s per version, which max_policy_lag ≥ 1 hides behind the next rollout. "
+        "Lag 1 nearly halves the iteration against lag 0 once the stages are balanced."
+    )
+    print(text)
+    if not args.no_write:
+        write_section(BEGIN, END, "Scaling estimate (issue 5)", text)
+
+
+if __name__ == "__main__":
+    main()
