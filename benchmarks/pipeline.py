@@ -16,35 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import ray
+from common import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
-
-
-def write_section(begin: str, end: str, heading: str, text: str) -> None:
-    """Replace the text between ``begin`` and ``end`` in docs/performance.md (append the section if new)."""
-    doc = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
-    body = f"{begin}\n{text}\n{end}"
-    if begin in doc:
-        doc = doc[:doc.index(begin)] + body + doc[doc.index(end) + len(end):]
-    else:
-        doc += f"\n## {heading}\n\n{body}\n"
-    DOC.write_text(doc)
-
-
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, no GPU"
 
 
 def stage_times(cfg, repeats: int) -> dict[str, float]:  # noqa: ANN001 - a TrainConfig
@@ -147,7 +128,7 @@ def main() -> None:
             f"driver {call_ms:.2f} ms.\n\n" + "\n".join(lines))
     print(text)
     if not args.no_write:
-        write_section(BEGIN, END, "Pipeline efficiency (issue 5)", text)
+        write_section(BEGIN, END, "## Pipeline efficiency (issue 5)", text)
         (ROOT / "docs" / "pipeline.json").write_text(json.dumps(results, indent=1) + "\n")
 
 

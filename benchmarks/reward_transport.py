@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from common import ROOT, machine, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- reward-transport:begin -->", "<!-- reward-transport:end -->"
 KIND = "jpeg_compressibility"
 
@@ -178,18 +175,12 @@ def main() -> None:
         rate = f"{rps:.1f}" if path != "in-process call" else f"{rps:.1f} (sequential)"
         lines.append(f"| {path} | {side}×{side} | {p50:.2f} | {p99:.2f} | {rate} | "
                      + ("—" if path == "in-process call" else f"{over:+.2f}") + " |")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    text = (f"{BEGIN}\nMeasured by `.venv/bin/python benchmarks/reward_transport.py` on {machine}, "
+    text = (f"Measured by `.venv/bin/python benchmarks/reward_transport.py` on {machine()}, "
             f"{time.strftime('%Y-%m-%d')}: one request = 8 RGB images, reward `{KIND}`, "
-            f"{args.reps} sequential requests per row for latency.\n\n" + "\n".join(lines) + f"\n{END}")
+            f"{args.reps} sequential requests per row for latency.\n\n" + "\n".join(lines))
     print(text)
     if not args.no_write:
-        doc = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
-        if BEGIN in doc:
-            doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-        else:
-            doc += "\n## Reward transport (issue 4)\n\n" + text + "\n"
-        DOC.write_text(doc)
+        write_section(BEGIN, END, "## Reward transport (issue 4)", text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import json
 import statistics
 from pathlib import Path
 
-from pipeline import write_section
+from common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
@@ -122,7 +122,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_write:
-        write_section(BEGIN, END, "Scaling estimate (issue 5)", text)
+        write_section(BEGIN, END, "## Scaling estimate (issue 5)", text)
 
 
 if __name__ == "__main__":

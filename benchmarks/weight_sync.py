@@ -28,16 +28,15 @@ import gc
 import itertools
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from pathlib import Path
 
 import torch
+from common import machine, write_section
 
 from samplers.policy import state_checksum
 from services.weight_sync import (
@@ -49,8 +48,6 @@ from services.weight_sync import (
     receive_state,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- weight-sync:begin -->", "<!-- weight-sync:end -->"
 HEADING = "## Weight sync (learner → samplers)"
 MB = 2**20
@@ -196,26 +193,6 @@ class Receiver:
         leave_group()
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    mem = 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) / 2**20
-                break
-    except OSError:
-        pass
-    import ray
-
-    return (f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
-
-
 def fmt_ms(s: float) -> str:
     ms = s * 1e3
     return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
@@ -354,7 +331,7 @@ def main() -> None:
                 "its memory preallocated (`preallocate_plasma_memory`), so syncs write into pages touched "
                 "before, as in a run's steady state")
     command = ".venv/bin/python benchmarks/weight_sync.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
-    text = (f"{BEGIN}\nMeasured by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}, "
+    text = (f"Measured by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}, "
             f"in {elapsed / 60:.1f} min: embedded Ray ({args.num_cpus} CPUs, object store "
             f"{store_gb:.1f} GiB, {prealloc}), learner and receiver actors with 0.5 CPU and one torch thread each, "
             f"float32 blocks of ≤ {CHUNK_MB} MB; time from the publish call until every receiver has "
@@ -362,20 +339,15 @@ def main() -> None:
             f"{args.reps} repeats ({args.reps_large} from 512 MB) after one warm-up. "
             f"MB/s = payload size / median time (per sync, whatever the number of receivers). "
             f"The checksum and copy rows are one receiver's single-thread figures.\n\n"
-            f"{table}\n\n{summary(res, sizes, ns, nbytes)}\n{END}")
+            f"{table}\n\n{summary(res, sizes, ns, nbytes)}")
     print()
     print(text)
     if failures:
         print(f"checksum mismatches: {failures}", file=sys.stderr)
         sys.exit(1)
     if args.write_docs:
-        doc = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
-        if BEGIN in doc and END in doc:
-            doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-        else:
-            doc = doc.rstrip("\n") + f"\n\n{HEADING}\n\n{text}\n"
-        DOC.write_text(doc)
-        print(f"wrote {DOC.relative_to(ROOT)}")
+        write_section(BEGIN, END, HEADING, text)
+        print("wrote docs/performance.md")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ def fmrl(*args, cwd=ROOT):
      "no policy checkpoint at /nonexistent"),
     (["sample", "--checkpoint", "/nonexistent", "--prompt", " ", "--out", "x.npz"], "non-blank --prompt"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--resume", "/nonexistent/run"], "/nonexistent/run is not a run directory (no config.yaml)"),
+    (["train", "--resume", "/nonexistent/run", "--name", "x"], "give only --set overrides"),
 ])
 def test_bad_input_one_line_nonzero(args, message, tmp_path):
     r = fmrl(*args)
@@ -33,6 +35,16 @@ def test_bad_input_one_line_nonzero(args, message, tmp_path):
     assert len(lines) == 1, r.stderr
     assert message in lines[0] and lines[0].startswith("fmrl")
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_without_a_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run:\n  iterations: 3\n")
+    r = fmrl("train", "--resume", str(run))
+    assert r.returncode == 1 and "has no resumable checkpoint" in r.stderr, r.stderr
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    assert (run / "config.yaml").read_text() == "run:\n  iterations: 3\n"
 
 
 def test_damaged_checkpoint_is_named(tmp_path):
