@@ -35,11 +35,17 @@ class PlacementError(RuntimeError):
     """The cluster cannot place the run's actors."""
 
 
+def _device(backend: str) -> str:
+    """Where broadcast buffers live: NCCL moves GPU memory (the actor's GPU), gloo host memory."""
+    return "cuda" if backend == "nccl" else "cpu"
+
+
 class SamplerWorker:
     def __init__(self, cfg: TrainConfig, index: int) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
         self.index = index
         self.sampler = build_sampler(cfg)
+        self.backend = cfg.pipeline.dist_backend
 
     def apply_weights(self, payload: WirePayload) -> tuple[int, str]:
         """Apply published weights; returns the (version, checksum) now in use."""
@@ -56,11 +62,11 @@ class SamplerWorker:
         return self.sampler.version, self.sampler.checksum
 
     def join_group(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
-        join_group(address, port, rank, world_size, timeout_s)
+        join_group(address, port, rank, world_size, timeout_s, self.backend)
 
     def receive_weights(self) -> tuple[int, str]:
         """Receive a broadcast from the learner, verify it, apply it."""
-        version, checksum, state = receive_state(self.sampler.velocity.state_dict())
+        version, checksum, state = receive_state(self.sampler.velocity.state_dict(), _device(self.backend))
         return self.sampler.apply(version, state, checksum)
 
 
@@ -80,6 +86,7 @@ class LearnerWorker:
     def __init__(self, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
         self.learner = build_learner(cfg)
+        self.backend = cfg.pipeline.dist_backend
         self.reward_cfg = cfg.reward
 
     def update(self, scored: dict[str, np.ndarray], *parts: Trajectory) -> dict[str, Any]:
@@ -103,12 +110,12 @@ class LearnerWorker:
         return group_address()
 
     def join_group(self, address: str, port: int, world_size: int, timeout_s: float) -> None:
-        join_group(address, port, 0, world_size, timeout_s)
+        join_group(address, port, 0, world_size, timeout_s, self.backend)
 
     def broadcast_weights(self, current: bool = False) -> tuple[int, str]:
         """Broadcast the published weights to the group; returns (version, checksum)."""
         p = self.learner.publish(current)
-        broadcast_state(p.version, p.state, p.checksum)
+        broadcast_state(p.version, p.state, p.checksum, _device(self.backend))
         return p.version, p.checksum
 
     def save(self, directory: str) -> str:

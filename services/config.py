@@ -255,6 +255,9 @@ class PipelineConfig(_Strict):
         "object store, or a torch.distributed broadcast from the learner (gloo on CPU, NCCL on GPUs).")
     sync_timeout_s: float = Field(300.0, gt=0, description="A torch.distributed broadcast (or group set-up) that "
                                   "waits longer than this for a peer fails the run instead of stalling it.")
+    dist_backend: Literal["gloo", "nccl"] = Field("gloo", description="Backend of the torch.distributed "
+                                                  "broadcast: gloo (CPU buffers) or NCCL (GPU to GPU; needs "
+                                                  "learner_gpus and sampler_gpus).")
 
 
 class ResourcesConfig(_Strict):
@@ -319,6 +322,14 @@ class TrainConfig(_Strict):
             if self.policy.cfg_scale != 1.0 or not self.rollout.keep_states:
                 raise ValueError("algorithm flow_grpo needs CFG-free rollouts (policy.cfg_scale: 1) "
                                  "that keep their states (rollout.keep_states: true)")
+        return self
+
+    @model_validator(mode="after")
+    def _nccl_on_gpus(self) -> TrainConfig:
+        r = self.resources
+        if self.pipeline.dist_backend == "nccl" and not (r.learner_gpus > 0 and r.sampler_gpus > 0):
+            raise ValueError("pipeline.dist_backend nccl broadcasts between GPUs: set resources.learner_gpus "
+                             "and resources.sampler_gpus, or use gloo")
         return self
 
     @model_validator(mode="after")

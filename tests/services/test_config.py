@@ -48,6 +48,7 @@ def test_make_run_default_is_ac_flow_and_equals_the_tree_defaults():
     ("reward.components=[{kind: dalle}]", "reward.components.0.kind: Input should be 'digits_classifier'"),
     ("reward.components=[{kind: clip, transport: http}]", "reward.components.0.transport: Input should be 'ray' or 'redis'"),
     ("pipeline.max_policy_lag=-1", "pipeline.max_policy_lag: Input should be greater than or equal to 0"),
+    ("pipeline.dist_backend=nccl", "pipeline.dist_backend nccl broadcasts between GPUs"),
     ("pipeline.weight_sync=nccl", "pipeline.weight_sync: Input should be 'object_store' or 'torch_distributed'"),
     ("resources.sampler_resources={GPU: 1}", "['GPU']: custom resources need positive amounts, and CPU/GPU have their own keys"),
     ("resources.learner_resources={training_gpu: 0}", "['training_gpu']: custom resources need positive amounts"),
