@@ -26,7 +26,15 @@ from torch import nn
 from learner.pretrain import ema_update
 from learner.rules import Batch, Prepared, build_rule, settings_json
 from learner.settings import LearnerSettings
-from samplers.policy import SD3Velocity, save_velocity, state_checksum
+from samplers.policy import (
+    AdapterDisabled,
+    SD3Velocity,
+    adapter_state,
+    is_adapted,
+    lora_settings,
+    save_velocity,
+    state_checksum,
+)
 from samplers.text import PromptEmbeddings
 from samplers.trajectory import Trajectory
 
@@ -52,12 +60,17 @@ class Learner:
         self.settings = settings
         self.encode = encode
         self.policy = policy.train()
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        # an adapted (LoRA) policy trains its adapter only; its reference is the same module
+        # with the adapter switched off, and it publishes and checkpoints the adapter alone
+        self.adapted = is_adapted(policy)
+        self.reference: nn.Module = (AdapterDisabled(self.policy) if self.adapted
+                                     else copy.deepcopy(policy).eval().requires_grad_(False))
         self.rollout = copy.deepcopy(policy).eval().requires_grad_(False)
         tcfg = policy.transformer.config
         self.rule = build_rule(settings, tcfg.in_channels, tcfg.pooled_projection_dim)
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
         warm = max(1, settings.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
@@ -130,7 +143,8 @@ class Learner:
     def publish(self, current: bool = False) -> WeightsPayload:
         """The rollout policy's weights (or π_θ's when ``current``), with version and checksum."""
         src = self.policy if current else self.rollout
-        state = {k: v.detach().clone() for k, v in src.state_dict().items()}
+        weights = adapter_state(src) if self.adapted else src.state_dict()
+        state = {k: v.detach().clone() for k, v in weights.items()}
         return WeightsPayload(self.step if current else self.version, state, state_checksum(state))
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -152,7 +166,8 @@ class Learner:
         """The frozen reference's checksum, computed once (it never changes)."""
         cached = getattr(self, "_reference_checksum_cache", None)
         if cached is None:
-            cached = state_checksum(self.reference.state_dict())
+            ref = self.reference
+            cached = state_checksum(ref.base_state() if isinstance(ref, AdapterDisabled) else ref.state_dict())
             self._reference_checksum_cache = cached
         return cached
 
@@ -166,8 +181,8 @@ class Learner:
         meta = {"step": str(self.step), "version": str(self.version),
                 "scheduler_epoch": str(self.scheduler.last_epoch),
                 "settings": settings_json(self.settings)}
-        save_velocity(self.policy, d / "policy.safetensors", metadata=meta)
-        save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta)
+        save_velocity(self.policy, d / "policy.safetensors", metadata=meta, adapter_only=self.adapted)
+        save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta, adapter_only=self.adapted)
         opt_state = self.optimizer.state_dict()
         tensors: dict[str, torch.Tensor] = {}
         for pid, st in opt_state["state"].items():
@@ -215,6 +230,11 @@ class Learner:
         if "reference_checksum" in meta and meta["reference_checksum"] != self._reference_checksum():
             raise ValueError(f"checkpoint {d} was trained against another reference policy than this "
                              "learner's (build the learner from the same initial policy before loading)")
+        saved_lora = json.loads(metas["policy.safetensors"].get("lora", "null"))
+        own_lora = lora_settings(self.policy) if self.adapted else None
+        if saved_lora != own_lora:
+            raise ValueError(f"checkpoint {d} was written with LoRA {saved_lora}, this learner's policy has "
+                             f"{own_lora} (another LoRA rank or target modules?)")
         flat = load_file(str(d / "optimizer.safetensors"))
         generator_state = flat.pop(self._GENERATOR_KEY, None)
         rule_tensors = {k[5:]: v for k, v in flat.items() if k.startswith("rule.")}
@@ -231,8 +251,13 @@ class Learner:
 
         # the rule first: its own checks (tracker settings) may still refuse the checkpoint
         self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
-        self.policy.transformer.load_state_dict(policy_state)
-        self.rollout.transformer.load_state_dict(rollout_state)
+        for model, weights in ((self.policy, policy_state), (self.rollout, rollout_state)):
+            if self.adapted:  # the file holds the adapter; the base is the one this learner was built on
+                want = {k for k in model.transformer.state_dict() if "lora_" in k}
+                if set(weights) != want:
+                    raise ValueError(f"checkpoint {d} holds {len(weights)} tensors, this learner's adapter "
+                                     f"{len(want)} (another LoRA rank or target modules?)")
+            model.transformer.load_state_dict(weights, strict=not self.adapted)
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         self.step = int(meta["step"])
         self.version = int(meta["version"])

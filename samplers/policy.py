@@ -60,14 +60,21 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str] | None = None) -> None:
-    """Write the transformer's weights and config to one safetensors file (config in metadata)."""
+def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str] | None = None,
+                  adapter_only: bool = False) -> None:
+    """Write the transformer's weights and config to one safetensors file (config in metadata);
+    ``adapter_only``: only the LoRA adapter's tensors (the base stays where it came from)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"transformer_config": json.dumps(dict(model.transformer.config)), **(metadata or {})}
-    state = {k: v.detach().contiguous() for k, v in model.transformer.state_dict().items()}
+    if is_adapted(model):
+        meta["lora"] = json.dumps(lora_settings(model))
+    state = {k: v.detach().contiguous() for k, v in model.transformer.state_dict().items()
+             if "lora_" in k or not adapter_only}
+    if adapter_only:
+        meta["adapter_only"] = "1"
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -89,9 +96,63 @@ def load_velocity(path: Path | str) -> SD3Velocity:
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
     if "transformer_config" not in meta:
         raise ValueError(f"{path} has no transformer_config metadata; not an fmrl policy checkpoint")
+    if meta.get("adapter_only") == "1":
+        raise ValueError(f"{path} holds only a LoRA adapter; load it onto the policy it adapts "
+                         "(the run's policy.checkpoint or policy.pretrained)")
     config = {k: v for k, v in json.loads(meta["transformer_config"]).items() if not k.startswith("_")}
     model = build_sd3_velocity(config)
+    if "lora" in meta:
+        add_lora(model, **json.loads(meta["lora"]))
     missing, unexpected = model.transformer.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
+
+
+# ---- LoRA ---------------------------------------------------------------------------------
+ADAPTER = "default"
+
+
+def add_lora(model: SD3Velocity, rank: int, alpha: float, target_modules: list[str]) -> SD3Velocity:
+    """Add a LoRA adapter (peft, through diffusers' adapter API) to the transformer's layers
+    named by ``target_modules``; only the adapter trains. LoRA's B starts at zero, so the
+    adapted model computes exactly what the base model does until it trains."""
+    from peft import LoraConfig
+
+    model.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
+                                             init_lora_weights=True), adapter_name=ADAPTER)
+    return model
+
+
+def is_adapted(model: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def lora_settings(model: SD3Velocity) -> dict[str, Any]:
+    cfg = model.transformer.peft_config[ADAPTER]
+    return {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "target_modules": sorted(cfg.target_modules)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (what trains, and all that needs publishing or saving)."""
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+class AdapterDisabled(nn.Module):
+    """The base model under an adapted policy: the same module with its adapter switched off
+    for the call (the reference of an adapted policy costs no second copy)."""
+
+    def __init__(self, policy: SD3Velocity) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list, so the policy is not registered (nor saved) twice
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings) -> torch.Tensor:
+        policy = self._policy[0]
+        policy.transformer.disable_adapters()
+        try:
+            return policy(x_t, t, cond)
+        finally:
+            policy.transformer.enable_adapters()
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self._policy[0].state_dict().items() if "lora_" not in k}
