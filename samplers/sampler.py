@@ -96,24 +96,31 @@ class Sampler:
             for s in seeds
         ])
         prompt_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
-        cond = self.encode(list(prompts)).index(prompt_ids)
-        uncond = self.encode([""] * len(prompt_ids)) if cfg != 1.0 else None
+        # noise is drawn on the CPU in float32 (the same numbers on every device), then the
+        # rollout runs where the policy lives, in its dtype; trajectories come back as CPU float32
+        param = next(self.velocity.parameters())
+        x1 = noise.to(param.device, param.dtype)
+        cond = self.encode(list(prompts)).index(prompt_ids).to(param.device)
+        uncond = self.encode([""] * len(prompt_ids)).to(param.device) if cfg != 1.0 else None
         log_probs = None
         if kind == "sde":
             # step noise from one generator seeded by all the prompts' seeds: SDE batches,
             # unlike ODE ones, depend on how prompts are divided among samplers
             g = torch.Generator().manual_seed(int(sum(int(z) * (i + 1) for i, z in enumerate(seeds)) % (2**63)))
             states, times, log_probs = sde_rollout(
-                self.velocity, noise, cond, num_steps=self.num_steps, shift=self.shift, a=self.sde_a,
+                self.velocity, x1, cond, num_steps=self.num_steps, shift=self.shift, a=self.sde_a,
                 cfg_scale=cfg, uncond=uncond, generator=g,
             )
+            log_probs = log_probs.float().cpu()
         else:
             states, times = euler_rollout(
-                self.velocity, noise, cond, num_steps=self.num_steps, shift=self.shift,
+                self.velocity, x1, cond, num_steps=self.num_steps, shift=self.shift,
                 cfg_scale=cfg, uncond=uncond, keep_states=self.keep_states,
             )
+        images = self.decode(states[:, -1])
+        states, times = states.float().cpu(), times.float().cpu()
         return Trajectory(
-            noise=noise, states=states, times=times, images=self.decode(states[:, -1]),
+            noise=noise, states=states, times=times, images=images,
             prompt_ids=prompt_ids, prompts=tuple(prompts), version=self.version, cfg_scale=cfg,
             log_probs=log_probs,
         )

@@ -53,9 +53,34 @@ class RunConfig(_Strict):
         return v
 
 
+class LoRAConfig(_Strict):
+    rank: int = Field(32, ge=1, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                      description="Transformer layers that get an adapter (names or suffixes).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v or any(not m.strip() for m in v):
+            raise ValueError("name at least one module, none blank")
+        return v
+
+
 class PolicyConfig(_Strict):
-    kind: Literal["digits"] = Field("digits", description="The policy family: the embedded digits world.")
-    checkpoint: Path | None = Field(None, description="Policy safetensors to start from; default: the shipped digits model.")
+    kind: Literal["digits", "sd3"] = Field("digits", description="The policy family: the embedded digits world, "
+                                           "or a Stable Diffusion 3 pipeline (policy.pretrained).")
+    checkpoint: Path | None = Field(None, description="digits: policy safetensors to start from; default: the shipped digits model.")
+    pretrained: str | None = Field(None, description="sd3: a StableDiffusion3Pipeline directory (save_pretrained "
+                                   "layout), or a hub id where a hub is reachable. `fmrl make-tiny-sd3` writes a "
+                                   "tiny random one.")
+    resolution: int = Field(512, ge=8, description="sd3: image side in pixels (a multiple of the VAE factor × patch size).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="sd3: weights' dtype on the device.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="sd3: where samplers and the learner run "
+                                                   "(auto: cuda when the actor has a GPU).")
+    max_sequence_length: int = Field(256, ge=1, le=512, description="sd3: T5 tokens per prompt.")
+    lora: LoRAConfig | None = Field(None, description="Train a LoRA adapter instead of every weight (the reference "
+                                    "is the adapter switched off; only the adapter is synced and checkpointed).")
     num_steps: int = Field(10, ge=1, le=1000, description="Euler steps per rollout.")
     shift: float = Field(1.0, gt=0, description="SD3 time shift of the sampling schedule (SD3 uses 3.0).")
     cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance scale of training rollouts (1 = CFG-free).")
@@ -322,6 +347,22 @@ class TrainConfig(_Strict):
             if self.policy.cfg_scale != 1.0 or not self.rollout.keep_states:
                 raise ValueError("algorithm flow_grpo needs CFG-free rollouts (policy.cfg_scale: 1) "
                                  "that keep their states (rollout.keep_states: true)")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_source(self) -> TrainConfig:
+        p = self.policy
+        if p.kind == "sd3":
+            if not p.pretrained:
+                raise ValueError("policy.kind sd3 needs policy.pretrained: a StableDiffusion3Pipeline directory "
+                                 "(or hub id); `fmrl make-tiny-sd3 --out DIR` writes a tiny random one")
+            if p.checkpoint is not None:
+                raise ValueError("policy.checkpoint is the digits policy file; an sd3 policy comes from policy.pretrained")
+            if self.reward.uses("digits_classifier"):
+                raise ValueError("the digits_classifier reward scores 8×8 digits; choose rewards for SD3 images "
+                                 "(reward.components)")
+        elif p.pretrained is not None:
+            raise ValueError("policy.pretrained applies to kind sd3; the digits policy comes from policy.checkpoint")
         return self
 
     @model_validator(mode="after")

@@ -38,7 +38,7 @@ from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, mean_pairwise_distance
 from services.report import reward_curve, sample_grid, summary_table
-from services.world import policy_checkpoint
+from services.world import check_policy_source
 
 log = logging.getLogger("fmrl")
 
@@ -274,9 +274,9 @@ class Pipeline:
             raise LearnerLost(f"the learner died at iteration {b.iteration}: {exc}") from None
 
 
-def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM) -> Evaluation:
-    """CFG-free ODE samples of every prompt from fixed noise, scored by the reward and the SVM
-    (the same measurement whichever sampler the algorithm trains with)."""
+def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | None) -> Evaluation:
+    """CFG-free ODE samples of every prompt from fixed noise, scored by the reward and (digits
+    world) the held-out SVM: the same measurement whichever sampler the algorithm trains with."""
     prompts = list(dict.fromkeys(cfg.rollout.prompts))
     n = cfg.eval.samples_per_prompt
     seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
@@ -285,13 +285,15 @@ def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM) ->
     scored = ray.get(batch.scores)
     flat = np.concatenate([t.images for t in ray.get([p.traj for p in batch.parts])])
     images = flat.reshape(len(prompts), n, *flat.shape[1:])
-    target = np.repeat([prompt_digit(p) for p in prompts], n)
-    correct = svm.predict(images.reshape(-1, *images.shape[2:])) == target
+    accuracy = None
+    if svm is not None:
+        target = np.repeat([prompt_digit(p) for p in prompts], n)
+        accuracy = float((svm.predict(images.reshape(-1, *images.shape[2:])) == target).mean())
     per_reward = scored["scores"].reshape(len(prompts), n).mean(1)
     per_div = [mean_pairwise_distance(images[i]) for i in range(len(prompts))]
     return Evaluation(
         version=version, prompts=tuple(prompts), images=images,
-        reward=float(scored["scores"].mean()), accuracy=float(correct.mean()),
+        reward=float(scored["scores"].mean()), accuracy=accuracy,
         diversity=float(np.mean(per_div)),
         per_prompt_reward=tuple(float(x) for x in per_reward),
         per_prompt_diversity=tuple(float(x) for x in per_div),
@@ -381,7 +383,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
     last checkpoint); returns the summary (also written to the run)."""
     from tqdm import tqdm
 
-    policy_checkpoint(cfg.policy)  # fail before any directory or cluster exists
+    check_policy_source(cfg.policy)  # fail before any directory or cluster exists
     if resume is None:
         run_dir = make_run_dir(cfg, config_name)
         ckpt = None
@@ -395,7 +397,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
     try:
         actors = start_actors(cfg, f"fmrl-{run_dir.name}")
         pipe = Pipeline(actors, cfg)
-        svm = HeldoutSVM()
+        svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
         lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
         if ckpt is None:
             start = 0
@@ -452,7 +454,8 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
         final = ray.get(actors.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         summary = write_outputs(run_dir, before, after, {
             "checkpoint": final, "seconds": round(time.time() - t0, 1),
-            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy, "pipeline": pipe.totals},
+            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy if svm else None,
+            "pipeline": pipe.totals},
             cfg.eval.grid_columns,
             probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
         print(f"\nrun written to {run_dir} ({summary['seconds']} s)")

@@ -15,7 +15,7 @@ class Evaluation:
 
     images: (P, n, H, W, C) uint8, n samples of each of P prompts.
     reward: mean reward over all samples; accuracy: fraction the held-out classifier
-    reads as the prompted digit; diversity: mean over prompts of the mean pairwise
+    reads as the prompted digit (digits world only, else None); diversity: mean over prompts of the mean pairwise
     Euclidean distance between samples of that prompt (pixels in [0, 1]).
     """
 
@@ -23,12 +23,12 @@ class Evaluation:
     prompts: tuple[str, ...]
     images: np.ndarray
     reward: float
-    accuracy: float
+    accuracy: float | None
     diversity: float
     per_prompt_reward: tuple[float, ...]
     per_prompt_diversity: tuple[float, ...]
 
-    def headline(self) -> dict[str, float]:
+    def headline(self) -> dict[str, float | None]:
         """The three figures the summary reports."""
         return {"reward": self.reward, "accuracy": self.accuracy, "diversity": self.diversity}
 

@@ -15,16 +15,19 @@ from services.evaluation import Evaluation  # noqa: E402
 
 
 def _mosaic(images: np.ndarray, columns: int, scale: int = 6, pad: int = 3) -> np.ndarray:
-    """(P, n, H, W, C) uint8 → one gray image, a row per prompt, pixels upscaled ``scale``×
-    (no interpolation blur) and separated by light-gray gutters."""
-    p, _, h, w, _ = images.shape
+    """(P, n, H, W, C) uint8 → one image, a row per prompt, pixels upscaled ``scale``× (no
+    interpolation blur) and separated by gutters: gray (H', W') for one channel, RGB for three."""
+    p, _, h, w, c = images.shape
+    rgb = c == 3
     hs, ws = h * scale, w * scale
-    out = np.full((p * (hs + pad) + pad, columns * (ws + pad) + pad), 60, dtype=np.uint8)
+    shape = (p * (hs + pad) + pad, columns * (ws + pad) + pad) + ((3,) if rgb else ())
+    out = np.full(shape, 200 if rgb else 60, dtype=np.uint8)
+    block = np.ones((scale, scale, 1) if rgb else (scale, scale), dtype=np.uint8)
     for i in range(p):
         for j in range(columns):
             y, x = pad + i * (hs + pad), pad + j * (ws + pad)
-            cell = images[i, j].mean(-1).astype(np.uint8)
-            out[y:y + hs, x:x + ws] = np.kron(cell, np.ones((scale, scale), dtype=np.uint8))
+            cell = images[i, j] if rgb else images[i, j].mean(-1).astype(np.uint8)
+            out[y:y + hs, x:x + ws] = np.kron(cell, block)
     return out
 
 
@@ -33,9 +36,13 @@ def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int 
     columns = min(columns, before.images.shape[1])
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 2 * 0.42 * columns, 0.5 + 0.42 * len(before.prompts)))
     for ax, ev, title in ((axes[0], before, "before"), (axes[1], after, "after")):
-        m = _mosaic(ev.images, columns)
-        ax.imshow(m, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        h = ev.images.shape[2] * 6 + 3
+        scale = max(1, 48 // ev.images.shape[2])
+        m = _mosaic(ev.images, columns, scale)
+        if m.ndim == 3:
+            ax.imshow(m, interpolation="nearest")
+        else:
+            ax.imshow(m, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        h = ev.images.shape[2] * scale + 3
         ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
         ax.set_yticklabels(ev.prompts if ax is axes[0] else [""] * len(ev.prompts), fontsize=8)
         ax.set_xticks([])
@@ -88,7 +95,8 @@ def summary_table(before: Evaluation, after: Evaluation) -> str:
     lines = [
         f"{'':28s} {'before':>8s}    {'after':>8s}",
         f"{'reward (CFG-free)':28s} {before.reward:8.3f} -> {after.reward:8.3f}",
-        f"{'held-out classifier acc.':28s} {before.accuracy:8.3f} -> {after.accuracy:8.3f}",
+        *([f"{'held-out classifier acc.':28s} {before.accuracy:8.3f} -> {after.accuracy:8.3f}"]
+          if before.accuracy is not None and after.accuracy is not None else []),
         f"{'diversity (mean pairwise)':28s} {before.diversity:8.3f} -> {after.diversity:8.3f}",
         "",
         f"{'prompt':28s} {'reward':>19s}   {'diversity':>19s}",

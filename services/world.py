@@ -1,18 +1,26 @@
 """Builds the parts a config names: policy, sampler, learner (rewards: services/rewards.py).
 
 The one place that knows which concrete classes a config value stands for, so the
-actors and the driver stay generic.
+actors and the driver stay generic. Two policy families share every other part: the
+digits world (a small SD3 transformer in pixel space, MiniLM prompts) and Stable
+Diffusion 3 pipelines (latents, the pipeline's own text encoders and VAE).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from learner.learner import Learner
 from samplers import digits
-from samplers.policy import SD3Velocity, load_velocity
+from samplers.policy import SD3Velocity, add_lora, load_velocity
 from samplers.sampler import Sampler
-from samplers.text import PromptEncoder
+from samplers.text import PromptEmbeddings, PromptEncoder
 from services.config import PolicyConfig, TrainConfig
 
 
@@ -24,20 +32,68 @@ def policy_checkpoint(cfg: PolicyConfig) -> Path:
     return Path(path)
 
 
-def load_policy(cfg: PolicyConfig) -> tuple[SD3Velocity, PromptEncoder]:
-    """The velocity model and its frozen prompt encoder."""
-    return load_velocity(policy_checkpoint(cfg)), PromptEncoder()
+def check_policy_source(cfg: PolicyConfig) -> None:
+    """Fail early, naming it, when the policy's weights cannot be there."""
+    if cfg.kind == "digits":
+        policy_checkpoint(cfg)
+        return
+    path = Path(str(cfg.pretrained))
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"policy.pretrained {path} is not a diffusers pipeline directory "
+                                    "(model_index.json missing)")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"policy.pretrained {cfg.pretrained!r} is not a directory, and the hub is "
+                                "offline (HF_HUB_OFFLINE=1): point it at a local pipeline directory")
+
+
+@dataclass
+class PolicyParts:
+    """What samplers and the learner need of a policy family."""
+
+    velocity: SD3Velocity
+    encode: Callable[[list[str]], PromptEmbeddings]
+    decode: Callable[[torch.Tensor], np.ndarray]
+    latent_shape: tuple[int, ...]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(cfg: PolicyConfig) -> PolicyParts:
+    """The velocity model (with its LoRA adapter when configured), its frozen prompt encoder,
+    its decoder to uint8 images and the shape of its samples."""
+    if cfg.kind == "digits":
+        encoder = PromptEncoder()
+        parts = PolicyParts(load_velocity(policy_checkpoint(cfg)), encoder.encode, digits.to_uint8,
+                            digits.IMAGE_SHAPE)
+    else:
+        from samplers.sd3 import (
+            SD3PromptEncoder,
+            latent_shape,
+            load_sd3_pipeline,
+            make_decoder,
+            velocity_of,
+        )
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        pipe = load_sd3_pipeline(str(cfg.pretrained), dtype=_DTYPES[cfg.dtype], device=device)
+        parts = PolicyParts(velocity_of(pipe), SD3PromptEncoder(pipe, cfg.max_sequence_length).encode,
+                            make_decoder(pipe), latent_shape(pipe, cfg.resolution))
+    if cfg.lora is not None:
+        add_lora(parts.velocity, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    return parts
 
 
 def build_sampler(cfg: TrainConfig) -> Sampler:
-    velocity, encoder = load_policy(cfg.policy)
+    parts = load_policy(cfg.policy)
     return Sampler(
-        velocity, encoder.encode, digits.to_uint8, digits.IMAGE_SHAPE,
+        parts.velocity, parts.encode, parts.decode, parts.latent_shape,
         num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=cfg.policy.cfg_scale,
         keep_states=cfg.rollout.keep_states, kind=cfg.policy.sampler, sde_a=cfg.policy.sde_a,
     )
 
 
 def build_learner(cfg: TrainConfig) -> Learner:
-    velocity, encoder = load_policy(cfg.policy)
-    return Learner(velocity, encoder.encode, cfg.learner_settings())
+    parts = load_policy(cfg.policy)
+    return Learner(parts.velocity, parts.encode, cfg.learner_settings())
