@@ -59,18 +59,20 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def sampling_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """The (num_steps + 1,) decreasing times of an SD3 Euler rollout, ending at 0.
+    """The (num_steps + 1,) decreasing float32 times of an SD3 Euler rollout, ending at 0.
 
-    Same numbers as ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)``:
-    the scheduler's smallest training sigma is shift(1/1000); the inference grid is a
-    linspace from 1 to that value which is then shifted again, and a final 0 is appended.
+    Bit for bit the numbers of ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)``
+    (a test pins them): the scheduler's training sigmas are float32 (1000 … 1)/1000, shifted;
+    the inference grid is a float64 linspace between the largest and smallest of them on
+    the 0–1000 scale, divided by 1000, shifted again in float64 and rounded to float32 once.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    sigma_min = shift_sigmas(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift)
-    grid = torch.linspace(1.0, float(sigma_min), num_steps, dtype=torch.float64)
-    # the scheduler builds its grid in float32 numpy; match its rounding
-    sig = shift_sigmas(grid.to(torch.float32), shift)
+    train = torch.arange(NUM_TRAIN_TIMESTEPS, 0, -1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
+    train = shift_sigmas(train, shift)
+    grid = torch.linspace(train[0].item() * NUM_TRAIN_TIMESTEPS, train[-1].item() * NUM_TRAIN_TIMESTEPS,
+                          num_steps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    sig = shift_sigmas(grid, shift).to(torch.float32)
     return torch.cat([sig, torch.zeros(1, dtype=torch.float32)])
 
 

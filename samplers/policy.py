@@ -32,11 +32,14 @@ class SD3Velocity(nn.Module):
         self.transformer = transformer
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
+        # inputs in the weights' dtype; the timestep stays float32 (as diffusers passes it: in
+        # bf16, 1000·t would round to steps of 4 near t = 1)
+        dtype = self.transformer.dtype
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         return self.transformer(
-            hidden_states=x_t,
-            encoder_hidden_states=cond.tokens.to(x_t.dtype),
-            pooled_projections=cond.pooled.to(x_t.dtype),
+            hidden_states=x_t.to(dtype),
+            encoder_hidden_states=cond.tokens.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
             timestep=to_model_timestep(t),
             return_dict=False,
         )[0]

@@ -96,10 +96,11 @@ class Sampler:
             for s in seeds
         ])
         prompt_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
-        # noise is drawn on the CPU in float32 (the same numbers on every device), then the
-        # rollout runs where the policy lives, in its dtype; trajectories come back as CPU float32
+        # noise is drawn on the CPU in float32 (the same numbers on every device); the rollout
+        # runs where the policy lives, its state in float32 (the policy casts its inputs to its
+        # own dtype, as diffusers' scheduler steps in float32); trajectories come back to the CPU
         param = next(self.velocity.parameters())
-        x1 = noise.to(param.device, param.dtype)
+        x1 = noise.to(param.device)
         cond = self.encode(list(prompts)).index(prompt_ids).to(param.device)
         uncond = self.encode([""] * len(prompt_ids)).to(param.device) if cfg != 1.0 else None
         log_probs = None

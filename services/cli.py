@@ -1,4 +1,4 @@
-"""The ``fmrl`` command: train, config, sample, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip."""
+"""The ``fmrl`` command: train, config, sample, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip, make-tiny-sd3."""
 
 from __future__ import annotations
 
@@ -120,6 +120,23 @@ def cmd_train_digits_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
+    from samplers.sd3 import build_tiny_sd3_pipeline, latent_shape, load_sd3_pipeline
+
+    out = build_tiny_sd3_pipeline(Path(args.out), seed=args.seed, resolution=args.resolution)
+    pipe = load_sd3_pipeline(str(out))  # what was written loads (and gives the sizes below)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name)
+        params = sum(p.numel() for p in module.parameters())
+        print(f"{name:15s} {type(module).__name__:28s} {params / 1e6:.3f} M parameters")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    c, h, w = latent_shape(pipe, args.resolution)
+    print(f"wrote a tiny random StableDiffusion3Pipeline (seed {args.seed}; {args.resolution}×{args.resolution} "
+          f"RGB images, latents {c}×{h}×{w}; scheduler shift {pipe.scheduler.config.shift:g}) "
+          f"to {out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_reward_worker(args: argparse.Namespace) -> int:
     from reward_workers.service import main as service_main
 
@@ -177,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     tcl.add_argument("--steps", type=int, default=1500)
     tcl.add_argument("--seed", type=int, default=0)
     tcl.set_defaults(func=cmd_train_digits_clip)
+
+    ts = sub.add_parser("make-tiny-sd3", help="write a tiny random StableDiffusion3Pipeline directory "
+                        "(tests and offline SD3 runs; nothing is downloaded)")
+    ts.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier tiny pipeline)")
+    ts.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ts.add_argument("--resolution", type=int, default=32, help="image side in pixels (a multiple of 8)")
+    ts.set_defaults(func=cmd_make_tiny_sd3)
 
     rw = sub.add_parser("reward-worker", add_help=False,
                         help="serve a reward over Redis Streams (`fmrl reward-worker --help` for its options)")

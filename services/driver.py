@@ -34,6 +34,7 @@ import numpy as np
 import ray
 
 from reward_workers.digits import HeldoutSVM, prompt_digit
+from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, mean_pairwise_distance
@@ -121,7 +122,7 @@ class Pipeline:
         self.cfg = cfg
         self.published: list[int] = []
         self.payload: Any = None  # object-store payload of the newest version (resyncs use it)
-        self.pending: dict[int, Any] = {}  # sampler → apply ref not yet verified
+        self.pending: list[tuple[int, Any, int, str]] = []  # (sampler, apply ref, version, checksum) to verify
         self.checksum = ""
         self.applied = [0] * len(actors.samplers)
         self.totals = {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0}
@@ -147,6 +148,7 @@ class Pipeline:
         ``wait``: block until every sampler applied and verified them; otherwise the
         applies are queued behind the samplers' in-flight rollouts and checked later."""
         self.payload, self.current = None, current
+        refs: dict[int, Any] = {}
         if self.dist:
             if busy:  # the broadcast's timeout is for the transfer, not for rollouts ahead of it
                 ray.wait(busy, num_returns=len(busy))
@@ -154,51 +156,77 @@ class Pipeline:
                 self._form_group()
             want = self.a.learner.broadcast_weights.remote(current)
             refs = {i: s.receive_weights.remote() for i, s in enumerate(self.a.samplers)}
-            version, self.checksum = ray.get(want)
-        else:
+            try:
+                version, self.checksum = ray.get(want)
+            except ray.exceptions.RayTaskError as exc:
+                # a peer left the group (a sampler died mid-broadcast, or timed out): this
+                # version goes through the object store, and the group is formed again next time
+                log.warning("weight broadcast failed (%s); publishing through the object store",
+                            str(exc).splitlines()[0])
+                self.totals["broadcast_failures"] = self.totals.get("broadcast_failures", 0) + 1
+                self.regroup, refs = True, {}
+        if not refs:
             self.payload, want = self.a.learner.publish.remote(current)
             refs = {i: s.apply_weights.remote(self.payload) for i, s in enumerate(self.a.samplers)}
             version, self.checksum = ray.get(want)
         self.published.append(version)
-        self.pending.update(refs)
+        self.pending += [(i, ref, version, self.checksum) for i, ref in refs.items()]
         if wait:
             self.check_applied(block=True)
 
     def check_applied(self, block: bool = False) -> None:
-        """Verify finished applies (all of them when ``block``); a sampler that died meanwhile
-        is resynced."""
-        refs = list(self.pending.items())
-        if not block:
-            ready, _ = ray.wait([r for _, r in refs], num_returns=len(refs), timeout=0)
-            refs = [(i, r) for i, r in refs if r in set(ready)]
-        for i, ref in refs:
-            del self.pending[i]
+        """Verify finished applies (all of them when ``block``), each against the version it
+        was sent; a sampler that died meanwhile, or whose broadcast failed, is resynced.
+        A payload a sampler refused (checksum, shape) stops the run."""
+        todo = self.pending
+        if not block and todo:
+            ready, _ = ray.wait([r for _, r, _, _ in todo], num_returns=len(todo), timeout=0)
+            done = set(ready)
+            todo = [x for x in todo if x[1] in done]
+        self.pending = [x for x in self.pending if x not in todo]
+        for i, ref, want_version, want_checksum in todo:
             try:
                 version, checksum = ray.get(ref)
             except _LOST:
                 self.resync(i)
                 continue
-            if version != self.version or checksum != self.checksum:
+            except ray.exceptions.RayTaskError as exc:
+                if not self.dist or isinstance(exc.cause, WeightsMismatch):
+                    raise
+                self.resync(i)  # the broadcast this apply waited on failed
+                continue
+            if version != want_version or checksum != want_checksum:
                 raise VersionMismatch(f"sampler {i} applied version {version} ({checksum[:12]}), "
-                                      f"learner published {self.version} ({self.checksum[:12]})")
-            self.applied[i] = version
+                                      f"learner published {want_version} ({want_checksum[:12]})")
+            self.applied[i] = max(self.applied[i], version)
 
     def resync(self, i: int) -> None:
         """Give sampler i the newest weights through the object store (after a restart its
         policy is the initial checkpoint; the broadcast group is formed again at the next sync)."""
         if self.payload is None:
             self.payload, _ = self.a.learner.publish.remote(self.current)
-        self.pending.pop(i, None)
-        for attempt in range(self.cfg.resources.max_restarts + 1):
-            try:
-                version, _ = ray.get(self.a.samplers[i].apply_weights.remote(self.payload))
-                self.applied[i] = version
-                break
-            except _LOST:
-                if attempt == self.cfg.resources.max_restarts:
-                    raise
+        self.pending = [x for x in self.pending if x[0] != i]
+        self.applied[i], _ = self._retry(lambda: self.a.samplers[i].apply_weights.remote(self.payload))
         self.totals["resyncs"] += 1
         self.regroup = self.dist
+
+    def _retry(self, submit: Any, patience_s: float = 120.0) -> Any:
+        """ray.get(submit()), submitted again while the actor restarts: an actor that is
+        restarting (ActorUnavailableError) is waited for with back-off up to ``patience_s``;
+        one that died (ActorDiedError) is tried max_restarts more times."""
+        deaths, wait, end = 0, 0.05, time.monotonic() + patience_s
+        while True:
+            try:
+                return ray.get(submit())
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(wait)
+                wait = min(2.0, wait * 2)
+            except _LOST:
+                deaths += 1
+                if deaths > self.cfg.resources.max_restarts:
+                    raise
 
     # ---- rollouts ------------------------------------------------------------------
     def _rollout(self, i: int, prompts: list[str], seeds: list[int], n: int, cfg_scale: float | None,
@@ -247,15 +275,16 @@ class Pipeline:
                                f"{self.cfg.resources.max_restarts} restarts per sampler")
         if redone:
             b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
-        for attempt in range(self.cfg.resources.max_restarts + 1):
-            try:
-                ray.get(b.scores)  # a few floats per rollout; raises the reward's own errors
-                break
-            except _LOST:
-                if attempt == self.cfg.resources.max_restarts:
-                    raise
-                b.lost_reward += 1
-                b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
+        first = [b.scores]
+
+        def score() -> Any:
+            if first:
+                return first.pop()
+            b.lost_reward += 1
+            b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
+            return b.scores
+
+        self._retry(score)  # a few floats per rollout; raises the reward's own errors
         for k in ("dropped_stale", "redone_lost", "lost_reward"):
             self.totals[k] += getattr(b, k)
 
