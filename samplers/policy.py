@@ -32,17 +32,20 @@ class SD3Velocity(nn.Module):
         self.transformer = transformer
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings) -> torch.Tensor:
-        # inputs in the weights' dtype; the timestep stays float32 (as diffusers passes it: in
-        # bf16, 1000·t would round to steps of 4 near t = 1)
-        dtype = self.transformer.dtype
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-        return self.transformer(
-            hidden_states=x_t.to(dtype),
-            encoder_hidden_states=cond.tokens.to(dtype),
-            pooled_projections=cond.pooled.to(dtype),
+        # The transformer runs where its weights live, in their dtype; the velocity comes back
+        # to the caller's device and dtype (differentiably), so a learner keeps its batch, its
+        # statistics and its critic on the CPU while an SD3 policy runs on a GPU in bf16. The
+        # timestep stays float32, as diffusers passes it (in bf16, 1000·t would round to steps of 4).
+        device, dtype = self.transformer.device, self.transformer.dtype
+        t = torch.as_tensor(t, dtype=torch.float32, device=device).expand(x_t.shape[0])
+        v = self.transformer(
+            hidden_states=x_t.to(device, dtype),
+            encoder_hidden_states=cond.tokens.to(device, dtype),
+            pooled_projections=cond.pooled.to(device, dtype),
             timestep=to_model_timestep(t),
             return_dict=False,
         )[0]
+        return v.to(x_t.device, x_t.dtype)
 
 
 def build_sd3_velocity(config: dict[str, Any]) -> SD3Velocity:
@@ -118,12 +121,16 @@ ADAPTER = "default"
 
 def add_lora(model: SD3Velocity, rank: int, alpha: float, target_modules: list[str]) -> SD3Velocity:
     """Add a LoRA adapter (peft, through diffusers' adapter API) to the transformer's layers
-    named by ``target_modules``; only the adapter trains. LoRA's B starts at zero, so the
-    adapted model computes exactly what the base model does until it trains."""
+    named by ``target_modules``; only the adapter trains, in float32 whatever the base's dtype.
+    LoRA's B starts at zero, so the adapted model computes exactly what the base model does
+    until it trains."""
     from peft import LoraConfig
 
     model.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
                                              init_lora_weights=True), adapter_name=ADAPTER)
+    for name, param in model.named_parameters():  # the adapter trains in float32 under bf16/fp16 weights
+        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
     return model
 
 

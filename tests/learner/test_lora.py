@@ -89,3 +89,19 @@ def test_adapter_checkpoint_round_trips_and_refuses_another_rank(tmp_path):
         load_velocity(tmp_path / "ck" / "policy.safetensors")
     with pytest.raises(ValueError, match="another LoRA rank or target modules"):
         _learner(rank=2).load(tmp_path / "ck")
+
+
+def test_bf16_policy_trains_a_float32_adapter_from_float32_inputs():
+    v = add_lora(tiny_velocity().to(torch.bfloat16), rank=4, alpha=4.0, target_modules=TARGETS)
+    lora = {n: p for n, p in v.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in v.named_parameters() if "lora_" not in n)
+    x, t, c = _inputs()
+    out = v(x, t, c)  # float32 in, float32 out, the transformer itself in bf16
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        base = tiny_velocity().to(torch.bfloat16)(x, t, c)
+    assert torch.equal(out.detach(), base)  # B = 0: the adapter changes nothing yet
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.values())
+    assert any(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # B learns first
