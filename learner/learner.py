@@ -187,7 +187,7 @@ class Learner:
         tensors: dict[str, torch.Tensor] = {}
         for pid, st in opt_state["state"].items():
             for name, val in st.items():
-                tensors[f"{pid}.{name}"] = torch.as_tensor(val).contiguous()
+                tensors[f"{pid}.{name}"] = torch.as_tensor(val).cpu().contiguous()
         tensors[self._GENERATOR_KEY] = self.generator.get_state().contiguous()
         rule_tensors, rule_meta = self.rule.state()
         tensors.update({f"rule.{k}": v for k, v in rule_tensors.items()})

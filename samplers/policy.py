@@ -77,7 +77,7 @@ def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str]
     meta = {"transformer_config": json.dumps(dict(model.transformer.config)), **(metadata or {})}
     if is_adapted(model):
         meta["lora"] = json.dumps(lora_settings(model))
-    state = {k: v.detach().contiguous() for k, v in model.transformer.state_dict().items()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()
              if "lora_" in k or not adapter_only}
     if adapter_only:
         meta["adapter_only"] = "1"
