@@ -16,34 +16,15 @@ result), ``redis`` (Redis itself failed).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from telemetry.metrics import create
 
-# milliseconds to minutes: a digits CNN answers in ms, a large preference model in seconds,
-# a queue behind a restarting service in minutes
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   30.0, 60.0, 120.0, 300.0)
-
-SERVICE_REQUESTS = Counter(
-    "fmrl_reward_service_requests", "Requests handled by a reward service, by outcome.",
-    ["reward", "outcome"])
-SERVICE_IMAGES = Counter(
-    "fmrl_reward_service_images", "Images scored by a reward service.", ["reward"])
-SERVICE_REQUEST_SECONDS = Histogram(
-    "fmrl_reward_service_request_seconds",
-    "Time from reading a request to writing its result (decode, score, write), in seconds.",
-    ["reward"], buckets=LATENCY_BUCKETS)
-SERVICE_DEAD_LETTERS = Counter(
-    "fmrl_reward_service_dead_letters", "Requests moved to the dead-letter stream, by reason.",
-    ["reward", "reason"])
-SERVICE_RECLAIMED = Counter(
-    "fmrl_reward_service_reclaimed",
-    "Stream entries reclaimed (XAUTOCLAIM) from a consumer idle past the claim timeout.", ["reward"])
-
-CLIENT_REQUEST_SECONDS = Histogram(
-    "fmrl_reward_client_request_seconds",
-    "Time from first submitting a request to consuming its result, in seconds.",
-    ["reward"], buckets=LATENCY_BUCKETS)
-CLIENT_ERRORS = Counter(
-    "fmrl_reward_client_errors", "Reward client errors, by kind.", ["reward", "kind"])
-CLIENT_IN_FLIGHT = Gauge(
-    "fmrl_reward_client_in_flight", "Requests submitted and not yet answered.", ["reward"])
+# declared (name, help, labels, buckets) in telemetry/metrics.py; created here, in the
+# default registry that the reward service's own /metrics serves
+SERVICE_REQUESTS = create("fmrl_reward_service_requests")
+SERVICE_IMAGES = create("fmrl_reward_service_images")
+SERVICE_REQUEST_SECONDS = create("fmrl_reward_service_request_seconds")
+SERVICE_DEAD_LETTERS = create("fmrl_reward_service_dead_letters")
+SERVICE_RECLAIMED = create("fmrl_reward_service_reclaimed")
+CLIENT_REQUEST_SECONDS = create("fmrl_reward_client_request_seconds")
+CLIENT_ERRORS = create("fmrl_reward_client_errors")
+CLIENT_IN_FLIGHT = create("fmrl_reward_client_in_flight")

@@ -101,10 +101,11 @@ class LearnerWorker:
         return stats
 
     @ray.method(num_returns=2)
-    def publish(self, current: bool = False) -> tuple[WirePayload, tuple[int, str]]:
-        """The payload (for samplers) and its (version, checksum) (for the driver)."""
+    def publish(self, current: bool = False) -> tuple[WirePayload, tuple[int, str, int]]:
+        """The payload (for samplers) and its (version, checksum, bytes) (for the driver)."""
         p = self.learner.publish(current)
-        return WirePayload.from_state(p.version, p.state, p.checksum), (p.version, p.checksum)
+        wire = WirePayload.from_state(p.version, p.state, p.checksum)
+        return wire, (p.version, p.checksum, wire.nbytes)
 
     def group_address(self) -> tuple[str, int]:
         return group_address()
@@ -112,11 +113,11 @@ class LearnerWorker:
     def join_group(self, address: str, port: int, world_size: int, timeout_s: float) -> None:
         join_group(address, port, 0, world_size, timeout_s, self.backend)
 
-    def broadcast_weights(self, current: bool = False) -> tuple[int, str]:
-        """Broadcast the published weights to the group; returns (version, checksum)."""
+    def broadcast_weights(self, current: bool = False) -> tuple[int, str, int]:
+        """Broadcast the published weights to the group; returns (version, checksum, bytes)."""
         p = self.learner.publish(current)
-        broadcast_state(p.version, p.state, p.checksum, _device(self.backend))
-        return p.version, p.checksum
+        nbytes = broadcast_state(p.version, p.state, p.checksum, _device(self.backend))
+        return p.version, p.checksum, nbytes
 
     def save(self, directory: str) -> str:
         return str(self.learner.save(directory))

@@ -320,6 +320,13 @@ class ResourcesConfig(_Strict):
         return v
 
 
+class MetricsConfig(_Strict):
+    port: int | None = Field(9400, ge=0, le=65535, description="Serve the run's Prometheus metrics on this port "
+                             "(0: any free port, printed at start; null: none). Names: docs/metrics.md.")
+    host: str = Field("127.0.0.1", description="Address the metrics server binds to (0.0.0.0 exposes it "
+                      "to the network: only behind a firewall or proxy).")
+
+
 class EvalConfig(_Strict):
     samples_per_prompt: int = Field(32, ge=2, description="Evaluation samples per prompt (before and after).")
     seed: int = Field(12345, ge=0, description="Seed of the fixed evaluation noise.")
@@ -337,6 +344,7 @@ class TrainConfig(_Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

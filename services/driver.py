@@ -38,6 +38,7 @@ from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, mean_pairwise_distance
+from services.observe import RunMetrics
 from services.report import reward_curve, sample_grid, summary_table
 from services.world import check_policy_source
 
@@ -108,6 +109,7 @@ class Batch:
     iteration: int
     parts: list[Part]
     scores: Any = None
+    launched: float = field(default_factory=time.perf_counter)
     lags: list[int] = field(default_factory=list)
     dropped_stale: int = 0
     redone_lost: int = 0
@@ -128,6 +130,7 @@ class Pipeline:
         self.totals = {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0}
         self.dist = cfg.pipeline.weight_sync == "torch_distributed"
         self.current = False
+        self.metrics: RunMetrics | None = None
         self.regroup = self.dist
 
     @property
@@ -149,6 +152,7 @@ class Pipeline:
         applies are queued behind the samplers' in-flight rollouts and checked later."""
         self.payload, self.current = None, current
         refs: dict[int, Any] = {}
+        t0 = time.perf_counter()
         if self.dist:
             if busy:  # the broadcast's timeout is for the transfer, not for rollouts ahead of it
                 ray.wait(busy, num_returns=len(busy))
@@ -157,7 +161,7 @@ class Pipeline:
             want = self.a.learner.broadcast_weights.remote(current)
             refs = {i: s.receive_weights.remote() for i, s in enumerate(self.a.samplers)}
             try:
-                version, self.checksum = ray.get(want)
+                version, self.checksum, nbytes = ray.get(want)
             except ray.exceptions.RayTaskError as exc:
                 # a peer left the group (a sampler died mid-broadcast, or timed out): this
                 # version goes through the object store, and the group is formed again next time
@@ -168,11 +172,14 @@ class Pipeline:
         if not refs:
             self.payload, want = self.a.learner.publish.remote(current)
             refs = {i: s.apply_weights.remote(self.payload) for i, s in enumerate(self.a.samplers)}
-            version, self.checksum = ray.get(want)
+            version, self.checksum, nbytes = ray.get(want)
         self.published.append(version)
         self.pending += [(i, ref, version, self.checksum) for i, ref in refs.items()]
         if wait:
             self.check_applied(block=True)
+        if self.metrics is not None:
+            self.metrics.sync("torch_distributed" if self.payload is None else "object_store",
+                              time.perf_counter() - t0 if wait else None, nbytes, len(self.a.samplers))
 
     def check_applied(self, block: bool = False) -> None:
         """Verify finished applies (all of them when ``block``), each against the version it
@@ -204,7 +211,7 @@ class Pipeline:
         """Give sampler i the newest weights through the object store (after a restart its
         policy is the initial checkpoint; the broadcast group is formed again at the next sync)."""
         if self.payload is None:
-            self.payload, _ = self.a.learner.publish.remote(self.current)
+            self.payload, _ = self.a.learner.publish.remote(self.current)  # (version, checksum, bytes) unused
         self.pending = [x for x in self.pending if x[0] != i]
         self.applied[i], _ = self._retry(lambda: self.a.samplers[i].apply_weights.remote(self.payload))
         self.totals["resyncs"] += 1
@@ -413,19 +420,23 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
     from tqdm import tqdm
 
     check_policy_source(cfg.policy)  # fail before any directory or cluster exists
-    if resume is None:
-        run_dir = make_run_dir(cfg, config_name)
-        ckpt = None
-    else:
-        run_dir = Path(resume)
-        ckpt = latest_checkpoint(run_dir)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    started_ray = ensure_ray(cfg)
+    ckpt = latest_checkpoint(Path(resume)) if resume is not None else None
+    metrics = RunMetrics(cfg.metrics.port, cfg.metrics.host)  # a taken port fails here too
+    if metrics.port is not None:
+        print(f"metrics: http://{cfg.metrics.host}:{metrics.port}/metrics")
+    try:
+        run_dir = make_run_dir(cfg, config_name) if resume is None else Path(resume)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        started_ray = ensure_ray(cfg)
+    except BaseException:
+        metrics.close()
+        raise
     t0 = time.time()
     actors = None
     try:
         actors = start_actors(cfg, f"fmrl-{run_dir.name}")
         pipe = Pipeline(actors, cfg)
+        pipe.metrics = metrics
         svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
         lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
         if ckpt is None:
@@ -435,6 +446,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
                 pipe.sync()  # forms the group and proves it before the first rollout
             before = evaluate(pipe, cfg, 0, svm)
             before.save(run_dir / "eval_before.npz")
+            metrics.evaluation("before", before.reward, before.diversity, before.images[:, :, 0, 0, 0].size)
             lines = [json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()})]
         else:
             state = json.loads((ckpt / "driver.json").read_text())
@@ -456,15 +468,25 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
         with (run_dir / "metrics.jsonl").open("a") as mf, \
                 tqdm(total=cfg.run.iterations, initial=start, disable=not cfg.run.progress, desc="train",
                      unit="it", dynamic_ncols=True) as bar:
+            reward_names = [c.label for c in cfg.reward.components]
             for it in range(start, cfg.run.iterations):
+                t_it = time.perf_counter()
                 while next_it < cfg.run.iterations and len(inflight) <= lag:
                     inflight.append(pipe.launch(next_it, *batch_plan(cfg, next_it), n))
                     next_it += 1
                 batch = inflight.popleft()
+                times = {}
+                t = time.perf_counter()
                 pipe.settle(batch, lag, n)
+                times["rollout"] = time.perf_counter() - t
+                times["rollout_duration"] = time.perf_counter() - batch.launched
+                t = time.perf_counter()
                 stats = pipe.update(batch)
+                times["update"] = time.perf_counter() - t
                 if stats["version"] != pipe.version:
+                    t = time.perf_counter()
                     pipe.sync(wait=lag == 0, busy=[p.traj for b in inflight for p in b.parts])
+                    times["sync"] = time.perf_counter() - t
                 row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
                        "sampler_versions": list(pipe.applied), "lag": max(batch.lags),
                        "dropped_stale": batch.dropped_stale, "redone_lost": batch.redone_lost,
@@ -475,10 +497,18 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
                 bar.update(1)
                 done = it + 1
                 if (every and done % every == 0) or done == cfg.run.iterations:
+                    t = time.perf_counter()
                     save_checkpoint(pipe, run_dir, done, time.time() - t0, cfg.run.keep_checkpoints)
+                    times["checkpoint"] = time.perf_counter() - t
+                metrics.iteration(it, stats, n * cfg.rollout.batch_prompts, cfg.rollout.batch_prompts,
+                                  cfg.learner.updates_per_batch, max(batch.lags), batch.dropped_stale,
+                                  batch.redone_lost, batch.lost_reward, times, time.perf_counter() - t_it,
+                                  reward_names)
+                metrics.pipeline(pipe.applied, len(inflight), len(pipe.pending), pipe.totals["resyncs"])
             pipe.check_applied(block=True)
             pipe.sync(current=True)
             after = evaluate(pipe, cfg, pipe.version, svm)
+            metrics.evaluation("after", after.reward, after.diversity, after.images[:, :, 0, 0, 0].size)
             mf.write(json.dumps({"kind": "eval", "when": "after", "version": pipe.version, **after.headline()}) + "\n")
         final = ray.get(actors.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         summary = write_outputs(run_dir, before, after, {
@@ -495,6 +525,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
                 if where.is_file() else "no checkpoint was written yet")
         raise LearnerLost(f"{exc}\n{hint}") from None
     finally:
+        metrics.close()
         if actors is not None and not started_ray:
             actors.shutdown()
         if started_ray:

@@ -8,8 +8,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"samplers", "learner", "services", "reward_workers"}
-ALLOWED = {"samplers": set(), "reward_workers": set(), "learner": {"samplers"}, "services": OURS}
+OURS = {"samplers", "learner", "services", "reward_workers", "telemetry"}
+# telemetry (the metric declarations) is a leaf every package may use
+ALLOWED = {"samplers": {"telemetry"}, "reward_workers": {"telemetry"}, "learner": {"samplers", "telemetry"},
+           "services": OURS, "telemetry": set()}
 OBJECTIVE_FORBIDDEN = {"ray", "redis", "diffusers", "transformers", "samplers", "services", "reward_workers", "pydantic"}
 
 

@@ -30,5 +30,6 @@ def short_config(out_dir, policy, name="t", iterations=4, **extra) -> TrainConfi
     sets = [f"policy.checkpoint={policy}", f"run.out_dir={out_dir}", f"run.name={name}",
             f"run.iterations={iterations}", "run.progress=false", "rollout.samples_per_prompt=3",
             "rollout.prompts_per_iteration=4", "eval.samples_per_prompt=2", "eval.grid_columns=2", "learner.lr=1e-3",
-            "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25", "resources.reward_cpus=0.25"]
+            "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25", "resources.reward_cpus=0.25",
+            "metrics.port=0"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])

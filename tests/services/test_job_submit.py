@@ -199,7 +199,7 @@ def test_submitted_digits_run_joins_the_cluster(ray_head: RayHead, tmp_path: Pat
            "--set", "rollout.prompts_per_iteration=4", "--set", "rollout.samples_per_prompt=4",
            "--set", "eval.samples_per_prompt=4", "--set", "eval.grid_columns=4",
            "--set", "resources.sampler_cpus=0.25", "--set", "resources.learner_cpus=0.25",
-           "--set", "resources.reward_cpus=0.25", "--name", "submitted"]
+           "--set", "resources.reward_cpus=0.25", "--set", "metrics.port=0", "--name", "submitted"]
     client = JobSubmissionClient(ray_head.address, headers=ray_head.headers)
     try:
         # cwd: the repository root, so the relative paths are those of the README's command.

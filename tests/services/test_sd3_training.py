@@ -16,7 +16,8 @@ def test_tiny_sd3_trains_a_lora_adapter_through_ray(cluster, tmp_path):
     cfg = load_config("configs/sd3_tiny_cpu.yaml", [
         f"policy.pretrained={pipe}", f"run.out_dir={tmp_path}", "run.name=sd3", "run.iterations=4",
         "run.progress=false", "algorithm.ac_flow.warmup_steps=0", "learner.lr=3e-2", "eval.samples_per_prompt=2",
-        "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25"])
+        "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25",
+        "metrics.port=0"])
     summary = train(cfg)
     run = tmp_path / "sd3"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,112 @@
+"""The training job's Prometheus metrics: recorded by the driver, served on /metrics.
+
+Every name is declared in telemetry/metrics.py. The driver records what it sees each
+iteration (the learner's statistics, the pipeline's counters, its own timings) and serves
+them from its process with prometheus-client on ``metrics.host:metrics.port``
+(127.0.0.1 by default: put a reverse proxy or Prometheus on the same node in front of it).
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from telemetry.metrics import training_registry
+
+
+class RunMetrics:
+    """The training metrics of one run, and (when a port is given) their HTTP server."""
+
+    def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
+        self.registry, self.m = training_registry()
+        self._server = None
+        self._resyncs = 0
+        if port is not None:
+            try:
+                self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {host}:{port} ({exc.strerror}): another run or "
+                              "program holds the port; set metrics.port to a free one (or null to serve none)") from None
+        self.port = self._server.server_port if self._server is not None else None
+        self.m["fmrl_build_info"].info(_versions())
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # ---- recording ----------------------------------------------------------------------
+    def iteration(self, it: int, stats: dict[str, Any], batch_images: int, prompts: int, steps: int, lag: int,
+                  dropped_stale: int, redone_lost: int, lost_reward: int, times: dict[str, float], wall_s: float,
+                  reward_names: list[str]) -> None:
+        """One driver iteration: what the learner reported and how long each phase took."""
+        m = self.m
+        m["fmrl_iteration"].set(it)
+        m["fmrl_iterations_total"].inc()
+        m["fmrl_rollout_images_total"].labels(purpose="train").inc(batch_images)
+        rollout_s = times["rollout_duration"]
+        m["fmrl_rollout_duration_seconds"].observe(rollout_s)
+        if rollout_s > 0:
+            m["fmrl_rollout_images_per_second"].set(batch_images / rollout_s)
+        m["fmrl_policy_lag_versions"].observe(lag)
+        m["fmrl_trajectories_dropped_total"].labels(reason="stale").inc(dropped_stale)
+        m["fmrl_trajectories_dropped_total"].labels(reason="sampler_lost").inc(redone_lost)
+        m["fmrl_reward_calls_lost_total"].inc(lost_reward)
+        m["fmrl_reward_mean"].labels(reward="total").set(stats["reward_mean"])
+        m["fmrl_reward_std"].labels(reward="total").set(stats["reward_std"])
+        for name in reward_names:
+            if f"reward/{name}" in stats:
+                m["fmrl_reward_mean"].labels(reward=name).set(stats[f"reward/{name}"])
+        if "zero_spread_groups" in stats and prompts:
+            m["fmrl_zero_spread_group_ratio"].set(stats["zero_spread_groups"] / prompts)
+        for key, name in (("adv_clip_fraction", "fmrl_advantage_clip_ratio"), ("critic_loss", "fmrl_critic_loss"),
+                          ("explained_variance", "fmrl_critic_explained_variance_ratio"), ("w2", "fmrl_w2_bound"),
+                          ("loss", "fmrl_learner_loss")):
+            if key in stats:
+                m[name].set(stats[key])
+        m["fmrl_learner_steps_total"].inc(steps)
+        m["fmrl_policy_version"].labels(role="learner").set(stats["version"])
+        for phase in ("rollout", "update", "sync", "checkpoint"):
+            if phase in times:
+                m["fmrl_learner_phase_seconds"].labels(phase=phase).observe(times[phase])
+        if wall_s > 0:
+            m["fmrl_idle_ratio"].labels(role="learner").set(max(0.0, 1.0 - times["update"] / wall_s))
+            m["fmrl_idle_ratio"].labels(role="samplers").set(max(0.0, 1.0 - min(rollout_s, wall_s) / wall_s))
+
+    def pipeline(self, sampler_versions: list[int], pending_batches: int, pending_applies: int,
+                 resyncs: int) -> None:
+        m = self.m
+        m["fmrl_policy_version"].labels(role="sampler").set(min(sampler_versions))
+        m["fmrl_pending_rollout_batches"].set(pending_batches)
+        m["fmrl_pending_weight_applies"].set(pending_applies)
+        if resyncs > self._resyncs:  # the pipeline keeps a running total
+            m["fmrl_actor_resyncs_total"].inc(resyncs - self._resyncs)
+            self._resyncs = resyncs
+
+    def sync(self, backend: str, seconds: float | None, nbytes: int, samplers: int) -> None:
+        if seconds is not None:
+            self.m["fmrl_weight_sync_seconds"].labels(backend=backend).observe(seconds)
+        self.m["fmrl_weight_sync_bytes_total"].labels(backend=backend).inc(nbytes * samplers)
+
+    def evaluation(self, when: str, reward: float, diversity: float, images: int) -> None:
+        self.m["fmrl_eval_reward"].labels(when=when).set(reward)
+        self.m["fmrl_eval_diversity"].labels(when=when).set(diversity)
+        self.m["fmrl_rollout_images_total"].labels(purpose="eval").inc(images)
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["fmrl"] = version("fmrl")
+        out["diffusers"] = version("diffusers")
+    except Exception:  # noqa: BLE001 - versions are informative only
+        pass
+    return out
