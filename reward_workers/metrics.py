@@ -20,11 +20,11 @@ from telemetry.metrics import create
 
 # declared (name, help, labels, buckets) in telemetry/metrics.py; created here, in the
 # default registry that the reward service's own /metrics serves
-SERVICE_REQUESTS = create("fmrl_reward_service_requests")
-SERVICE_IMAGES = create("fmrl_reward_service_images")
+SERVICE_REQUESTS = create("fmrl_reward_service_requests_total")
+SERVICE_IMAGES = create("fmrl_reward_service_images_total")
 SERVICE_REQUEST_SECONDS = create("fmrl_reward_service_request_seconds")
-SERVICE_DEAD_LETTERS = create("fmrl_reward_service_dead_letters")
-SERVICE_RECLAIMED = create("fmrl_reward_service_reclaimed")
+SERVICE_DEAD_LETTERS = create("fmrl_reward_service_dead_letters_total")
+SERVICE_RECLAIMED = create("fmrl_reward_service_reclaimed_total")
 CLIENT_REQUEST_SECONDS = create("fmrl_reward_client_request_seconds")
-CLIENT_ERRORS = create("fmrl_reward_client_errors")
+CLIENT_ERRORS = create("fmrl_reward_client_errors_total")
 CLIENT_IN_FLIGHT = create("fmrl_reward_client_in_flight")

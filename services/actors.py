@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from samplers.trajectory import Trajectory
 from services.config import ResourcesConfig, TrainConfig
+from services.evaluation import mean_pairwise_distance
 from services.rewards import RewardStage, component_means
 from services.weight_sync import (
     WirePayload,
@@ -76,10 +77,16 @@ class RewardWorker:
         self.stage = RewardStage(cfg.reward)
 
     def score(self, *parts: Trajectory) -> dict[str, np.ndarray]:
-        """Scores of the concatenated batches: ``scores`` (B,), each component's and their details."""
+        """Scores of the concatenated batches: ``scores`` (B,), each component's and their
+        details, and ``diversity``: the batch's mean pairwise distance within a prompt's samples
+        (pixels in [0, 1], averaged over prompts with two or more), the collapse watch."""
         images = np.concatenate([p.images for p in parts])
         prompts = [s for p in parts for s in p.prompt_list()]
-        return self.stage.score(images, prompts)
+        scored = self.stage.score(images, prompts)
+        groups = [p.images[p.prompt_ids.numpy() == j] for p in parts for j in range(len(p.prompts))]
+        spreads = [mean_pairwise_distance(g) for g in groups if len(g) >= 2]
+        scored["diversity"] = np.array(np.mean(spreads) if spreads else np.nan)
+        return scored
 
 
 class LearnerWorker:
@@ -96,6 +103,7 @@ class LearnerWorker:
         stats.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                      step=self.learner.step, version=self.learner.version)
         stats.update(component_means(scored, self.reward_cfg))
+        stats["diversity"] = float(scored["diversity"])
         if "digits_classifier/correct" in scored:
             stats["accuracy"] = float(np.mean(scored["digits_classifier/correct"]))
         return stats

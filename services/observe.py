@@ -23,6 +23,7 @@ class RunMetrics:
         self.registry, self.m = training_registry()
         self._server = None
         self._resyncs = 0
+        self._diversity0: float | None = None
         if port is not None:
             try:
                 self._server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -55,6 +56,11 @@ class RunMetrics:
         m["fmrl_trajectories_dropped_total"].labels(reason="stale").inc(dropped_stale)
         m["fmrl_trajectories_dropped_total"].labels(reason="sampler_lost").inc(redone_lost)
         m["fmrl_reward_calls_lost_total"].inc(lost_reward)
+        if "diversity" in stats and stats["diversity"] == stats["diversity"]:  # NaN: no prompt had two samples
+            m["fmrl_batch_diversity"].set(stats["diversity"])
+            if self._diversity0 is None:
+                self._diversity0 = stats["diversity"]
+                m["fmrl_batch_diversity_reference"].set(self._diversity0)
         m["fmrl_reward_mean"].labels(reward="total").set(stats["reward_mean"])
         m["fmrl_reward_std"].labels(reward="total").set(stats["reward_std"])
         for name in reward_names:

@@ -72,6 +72,10 @@ METRICS: tuple[Metric, ...] = (
            "ORW-CFM-W2's bound on W2²(π_θ, π_ref)."),
     Metric("fmrl_learner_loss", "gauge", "", "The objective's mean per-sample loss on the last batch."),
     Metric("fmrl_learner_steps_total", "counter", "", "Optimiser steps of the learner."),
+    Metric("fmrl_batch_diversity", "gauge", "", "Mean pairwise distance between a prompt's samples in the last "
+           "training batch (pixels in [0, 1]), averaged over prompts: falls as the policy collapses."),
+    Metric("fmrl_batch_diversity_reference", "gauge", "", "fmrl_batch_diversity of this process's first "
+           "training batch: the yardstick of the collapse alert."),
     Metric("fmrl_eval_reward", "gauge", "", "Mean reward of the CFG-free evaluation samples, by evaluation.", ("when",)),
     Metric("fmrl_eval_diversity", "gauge", "", "Mean pairwise distance between evaluation samples of a prompt "
            "(pixels in [0, 1]), averaged over prompts, by evaluation.", ("when",)),
@@ -96,23 +100,23 @@ METRICS: tuple[Metric, ...] = (
     Metric("fmrl_idle_ratio", "gauge", "ratio", "Share of the last iteration a role spent not working: the "
            "learner outside its update, the samplers outside their rollouts.", ("role",)),
     # ---- the reward service (its own process serves these) -----------------------------------
-    Metric("fmrl_reward_service_requests", "counter", "requests", "Requests handled by a reward service, by "
+    Metric("fmrl_reward_service_requests_total", "counter", "requests", "Requests handled by a reward service, by "
            "outcome (ok, duplicate, rejected, failed, dead).", ("reward", "outcome"), scope="reward_service"),
-    Metric("fmrl_reward_service_images", "counter", "images", "Images scored by a reward service.", ("reward",),
+    Metric("fmrl_reward_service_images_total", "counter", "images", "Images scored by a reward service.", ("reward",),
            scope="reward_service"),
     Metric("fmrl_reward_service_request_seconds", "histogram", "seconds",
            "Time from reading a request to writing its result (decode, score, write).", ("reward",),
            LATENCY_BUCKETS, scope="reward_service"),
-    Metric("fmrl_reward_service_dead_letters", "counter", "requests",
+    Metric("fmrl_reward_service_dead_letters_total", "counter", "requests",
            "Requests moved to the dead-letter stream, by reason.", ("reward", "reason"), scope="reward_service"),
-    Metric("fmrl_reward_service_reclaimed", "counter", "entries",
+    Metric("fmrl_reward_service_reclaimed_total", "counter", "entries",
            "Stream entries reclaimed (XAUTOCLAIM) from a consumer idle past the claim timeout.", ("reward",),
            scope="reward_service"),
     # ---- the reward client (in the training job's reward actor) ------------------------------
     Metric("fmrl_reward_client_request_seconds", "histogram", "seconds",
            "Time from first submitting a request to consuming its result.", ("reward",), LATENCY_BUCKETS,
            scope="reward_client"),
-    Metric("fmrl_reward_client_errors", "counter", "errors", "Reward client errors, by kind (timeout, "
+    Metric("fmrl_reward_client_errors_total", "counter", "errors", "Reward client errors, by kind (timeout, "
            "unavailable, worker_error, redis).", ("reward", "kind"), scope="reward_client"),
     Metric("fmrl_reward_client_in_flight", "gauge", "requests", "Requests submitted and not yet answered.",
            ("reward",), scope="reward_client"),

@@ -74,3 +74,59 @@ def test_docs_define_every_declared_metric():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     table = doc[doc.index("<!-- metrics-table:begin -->") + 29:doc.index("<!-- metrics-table:end -->")].strip()
     assert table == markdown_table(), "docs/metrics.md is stale: paste telemetry.metrics.markdown_table() into it"
+
+
+def _series_names():
+    """Every sample name a scrape of the declared metrics can show."""
+    out = set()
+    for m in METRICS:
+        if m.kind == "histogram":
+            out |= {m.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+        else:
+            out.add(m.name)
+    return out
+
+
+def test_dashboard_and_alerts_query_only_declared_metrics():
+    import json
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    exprs = [t["expr"] for p in json.loads((deploy / "grafana" / "fmrl-dashboard.json").read_text())["panels"]
+             for t in p["targets"]]
+    prom = yaml.safe_load((deploy / "prometheus.yml").read_text())
+    rules = [r for f in prom["rule_files"] for g in yaml.safe_load((deploy / f).read_text())["groups"]
+             for r in g["rules"]]
+    assert {r["alert"] for r in rules} >= {"FmrlDiversityCollapse", "FmrlPipelineStalled"}
+    exprs += [r["expr"] for r in rules]
+    declared = _series_names()
+    used = set()
+    for e in exprs:
+        names = set(re.findall(r"\bfmrl_[a-z0-9_]+", e))
+        assert names, f"query names no fmrl metric: {e}"
+        assert names <= declared, f"undeclared in {e!r}: {sorted(names - declared)}"
+        used |= names
+    # the dashboard covers the training metrics users watch first
+    assert {"fmrl_reward_mean", "fmrl_batch_diversity", "fmrl_policy_version", "fmrl_w2_bound",
+            "fmrl_trajectories_dropped_total", "fmrl_weight_sync_bytes_total"} <= used
+
+
+def test_declarations_follow_prometheus_naming():
+    import re
+
+    names = [m.name for m in METRICS]
+    assert len(names) == len(set(names))
+    for m in METRICS:
+        assert re.fullmatch(r"fmrl_[a-z0-9_]+", m.name), m.name
+        assert m.name.endswith("_total") == (m.kind == "counter"), m.name
+        assert (m.kind == "histogram") == (m.buckets is not None), m.name
+        if m.kind == "histogram":
+            assert list(m.buckets) == sorted(m.buckets)
+        if m.unit == "seconds":
+            assert m.name.endswith("_seconds"), m.name
+        # no high-cardinality labels: never ids, prompts, versions or free text
+        assert not set(m.labels) & {"id", "prompt", "version", "run", "request", "image", "step"}, m.name
+        assert m.help.strip(), m.name
