@@ -39,7 +39,7 @@ from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, mean_pairwise_distance
 from services.observe import RunMetrics
-from services.report import reward_curve, sample_grid, summary_table
+from services.report import reward_curve, sample_grid, summary_table, write_report
 from services.world import check_policy_source
 
 log = logging.getLogger("fmrl")
@@ -364,6 +364,7 @@ def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: d
         summary["target_reward"] = before.reward + (1 - before.reward) / 2
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.txt").write_text(table + "\n")
+    write_report(run_dir, summary, table)
     print(table)
     return summary
 

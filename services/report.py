@@ -107,3 +107,71 @@ def summary_table(before: Evaluation, after: Evaluation) -> str:
             f"   {before.per_prompt_diversity[i]:8.3f} -> {after.per_prompt_diversity[i]:6.3f}"
         )
     return "\n".join(lines)
+
+
+def _curves(train: list[dict], path: Path) -> Path:
+    """Three panels from the training rows: each reward component, batch diversity against the
+    training reward (coloured by iteration), and the W2 bound (when the objective reports it)."""
+    it = np.array([r["iteration"] for r in train])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ax = axes[0]
+    ax.plot(it, [r["reward_mean"] for r in train], lw=1.5, label="training reward Σ wᵢ·rᵢ")
+    for key in sorted({k for r in train for k in r if k.startswith("reward/")}):
+        ax.plot(it, [r.get(key, np.nan) for r in train], lw=1, alpha=0.8, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_title("rewards per component", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    div = np.array([r.get("diversity", np.nan) for r in train], dtype=float)
+    sc = ax.scatter([r["reward_mean"] for r in train], div, c=it, cmap="viridis", s=12)
+    fig.colorbar(sc, ax=ax, label="iteration")
+    ax.set_xlabel("training reward")
+    ax.set_ylabel("batch diversity (mean pairwise distance)")
+    ax.set_title("diversity against reward", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax = axes[2]
+    if any("w2" in r for r in train):
+        ax.plot(it, [r.get("w2", np.nan) for r in train], color="tab:purple", lw=1.5)
+        ax.set_ylabel("mean ‖v_θ − v_ref‖² per element")
+    else:
+        ax.text(0.5, 0.5, "this objective reports no W2 term", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("iteration")
+    ax.set_title("W2 bound (ORW-CFM-W2, Thm 3)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _img(path: Path) -> str:
+    import base64
+
+    return f'<img alt="{path.stem}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+
+def write_report(run_dir: Path, summary: dict, table: str) -> Path:
+    """report.html: one self-contained page (pictures embedded, no network) with the summary,
+    the reward curve, rewards per component, diversity against reward, the W2 bound and the
+    before/after grids."""
+    import html
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    curves = _curves(train, run_dir / "report_curves.png") if train else None
+    parts = [f"<h1>fmrl run {html.escape(run_dir.name)}</h1>",
+             f"<pre>{html.escape(table)}</pre>",
+             "<h2>Before / after (CFG-free, fixed noise)</h2>", _img(run_dir / "samples_before_after.png"),
+             "<h2>Training reward</h2>", _img(run_dir / "reward_curve.png")]
+    if curves is not None:
+        parts += ["<h2>Rewards, diversity, W2</h2>", _img(curves)]
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    parts += ["<h2>Summary</h2>", f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>",
+              "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>"]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>fmrl " + html.escape(run_dir.name) +
+            "</title><style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}img{max-width:100%}"
+            "pre{background:#f4f4f4;padding:1em;overflow-x:auto}</style></head><body>" + "\n".join(parts) +
+            "</body></html>\n")
+    (run_dir / "report.html").write_text(page)
+    return run_dir / "report.html"

@@ -1,6 +1,7 @@
 """A short training through real Ray actors: versions, files, the driver's checks."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -33,8 +34,14 @@ def test_short_training_run_writes_everything(cluster, tmp_path, small_policy):
     assert [r["sampler_versions"] for r in train_rows] == [[0, 0], [2, 2], [2, 2], [4, 4]]
     assert all(np.isfinite(r["loss"]) and 0 <= r["reward_mean"] <= 1 for r in train_rows)
     for name in ("samples_before_after.png", "reward_curve.png", "config.yaml", "summary.json", "summary.txt",
-                 "checkpoint/policy.safetensors", "checkpoint/optimizer.safetensors"):
+                 "checkpoint/policy.safetensors", "checkpoint/optimizer.safetensors", "report.html",
+                 "report_curves.png"):
         assert (run / name).is_file(), name
+    # the report reads offline: its three pictures are embedded, nothing is fetched
+    page = (run / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert not re.search(r'(src|href)="(https?:|//)', page)
+    assert "held-out classifier acc." in page and "algorithm:" in page
     assert summary["before"]["reward"] >= 0 and summary["after"]["diversity"] > 0
     # a second run with the same name never overwrites the first
     with pytest.raises(FileExistsError, match="already exists"):
