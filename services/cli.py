@@ -1,4 +1,4 @@
-"""The ``fmrl`` command: train, config, sample, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip, make-tiny-sd3."""
+"""The ``fmrl`` command: train, config, sample, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip, make-tiny-sd3, eval."""
 
 from __future__ import annotations
 
@@ -41,6 +41,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"run.name={args.name}")
     cfg = load_config(args.config, overrides)
     train(cfg, _config_name(args.config))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from services.eval_cmd import evaluate_checkpoint
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    r = evaluate_checkpoint(Path(args.checkpoint), args.config, Path(args.prompts) if args.prompts else None,
+                            args.n, Path(args.out) if args.out else None, args.set)
+    print(f"{'reward (CFG-free)':28s} {r['reward']:8.3f}")
+    for name, value in r["rewards"].items():
+        print(f"{'  ' + name:28s} {value:8.3f}")
+    if r["accuracy"] is not None:
+        print(f"{'held-out classifier acc.':28s} {r['accuracy']:8.3f}")
+    print(f"{'diversity (mean pairwise)':28s} {r['diversity']:8.3f}")
+    print(f"wrote {r['out']}/eval.json and grid.png ({len(r['prompts'])} prompts × {r['samples_per_prompt']})")
     return 0
 
 
@@ -158,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last checkpoint "
                    "(its config.yaml, plus any --set overrides)")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="score a checkpoint with every configured reward, the held-out "
+                       "classifier and diversity; writes eval.json and a sample grid")
+    e.add_argument("--checkpoint", required=True, help="a run directory (its config and final checkpoint), "
+                   "a checkpoint directory or a policy .safetensors")
+    e.add_argument("--config", help="config for a checkpoint outside a run directory (default: built-in)")
+    e.add_argument("--prompts", help="a file of prompts, one per line (default: the config's)")
+    e.add_argument("-n", type=int, help="samples per prompt (default: eval.samples_per_prompt)")
+    e.add_argument("--out", help="output directory (default: <run>/eval-<UTC time>)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("--config")

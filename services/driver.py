@@ -37,7 +37,7 @@ from reward_workers.digits import HeldoutSVM, prompt_digit
 from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
-from services.evaluation import Evaluation, mean_pairwise_distance
+from services.evaluation import Evaluation, evaluation_of
 from services.observe import RunMetrics
 from services.report import reward_curve, sample_grid, summary_table, write_report
 from services.world import check_policy_source
@@ -325,15 +325,7 @@ def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | N
     if svm is not None:
         target = np.repeat([prompt_digit(p) for p in prompts], n)
         accuracy = float((svm.predict(images.reshape(-1, *images.shape[2:])) == target).mean())
-    per_reward = scored["scores"].reshape(len(prompts), n).mean(1)
-    per_div = [mean_pairwise_distance(images[i]) for i in range(len(prompts))]
-    return Evaluation(
-        version=version, prompts=tuple(prompts), images=images,
-        reward=float(scored["scores"].mean()), accuracy=accuracy,
-        diversity=float(np.mean(per_div)),
-        per_prompt_reward=tuple(float(x) for x in per_reward),
-        per_prompt_diversity=tuple(float(x) for x in per_div),
-    )
+    return evaluation_of(version, prompts, images, scored["scores"], accuracy)
 
 
 def make_run_dir(cfg: TrainConfig, config_name: str) -> Path:

@@ -58,3 +58,16 @@ def mean_pairwise_distance(images: np.ndarray) -> float:
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
     iu = np.triu_indices(n, k=1)
     return float(np.sqrt(d2[iu]).mean())
+
+
+def evaluation_of(version: int, prompts: list[str], images: np.ndarray, scores: np.ndarray,
+                  accuracy: float | None) -> Evaluation:
+    """The figures of n samples of each of P prompts: images (P, n, H, W, C) uint8, scores (P·n,)."""
+    n = images.shape[1]
+    per_reward = scores.reshape(len(prompts), n).mean(1)
+    per_div = [mean_pairwise_distance(images[i]) for i in range(len(prompts))]
+    return Evaluation(
+        version=version, prompts=tuple(prompts), images=images, reward=float(scores.mean()), accuracy=accuracy,
+        diversity=float(np.mean(per_div)), per_prompt_reward=tuple(float(x) for x in per_reward),
+        per_prompt_diversity=tuple(float(x) for x in per_div),
+    )

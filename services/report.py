@@ -53,6 +53,24 @@ def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int 
     return path
 
 
+def eval_grid(ev: Evaluation, path: Path, columns: int = 8) -> Path:
+    """One labelled row of samples per prompt."""
+    columns = min(columns, ev.images.shape[1])
+    scale = max(1, 48 // ev.images.shape[2])
+    fig, ax = plt.subplots(figsize=(2.2 + 0.42 * columns, 0.5 + 0.42 * len(ev.prompts)))
+    m = _mosaic(ev.images, columns, scale)
+    ax.imshow(m, interpolation="nearest", **({} if m.ndim == 3 else {"cmap": "gray_r", "vmin": 0, "vmax": 255}))
+    h = ev.images.shape[2] * scale + 3
+    ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
+    ax.set_yticklabels(ev.prompts, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(f"reward {ev.reward:.3f}, diversity {ev.diversity:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Path:
     """Training reward per iteration (and a moving average) and the before/after evaluations,
     read from metrics.jsonl. ``probability``: the reward is the digits classifier's

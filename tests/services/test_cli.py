@@ -27,6 +27,10 @@ def fmrl(*args, cwd=ROOT):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["train", "--resume", "/nonexistent/run"], "/nonexistent/run is not a run directory (no config.yaml)"),
     (["train", "--resume", "/nonexistent/run", "--name", "x"], "give only --set overrides"),
+    (["eval", "--checkpoint", "/nonexistent"], "no policy checkpoint at /nonexistent"),
+    (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "--prompts", "/nonexistent.txt"],
+     "prompts file not found: /nonexistent.txt"),
+    (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "-n", "1"], "-n must be at least 2"),
 ])
 def test_bad_input_one_line_nonzero(args, message, tmp_path):
     r = fmrl(*args)

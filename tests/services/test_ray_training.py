@@ -43,6 +43,14 @@ def test_short_training_run_writes_everything(cluster, tmp_path, small_policy):
     assert not re.search(r'(src|href)="(https?:|//)', page)
     assert "held-out classifier acc." in page and "algorithm:" in page
     assert summary["before"]["reward"] >= 0 and summary["after"]["diversity"] > 0
+    # `fmrl eval` of the run's final checkpoint, in this process, reproduces its "after" figures
+    from services.eval_cmd import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(run, out=tmp_path / "ev")
+    for key in ("reward", "accuracy", "diversity"):
+        assert ev[key] == pytest.approx(summary["after"][key], rel=1e-5, abs=1e-6), key
+    assert ev["rewards"]["digits_classifier"] == pytest.approx(ev["reward"])
+    assert (tmp_path / "ev" / "grid.png").is_file() and (tmp_path / "ev" / "eval.json").is_file()
     # a second run with the same name never overwrites the first
     with pytest.raises(FileExistsError, match="already exists"):
         train(_cfg(tmp_path, small_policy))

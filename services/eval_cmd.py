@@ -1,0 +1,114 @@
+"""`fmrl eval`: a checkpoint's samples scored by every configured reward, the held-out
+classifier (digits world) and diversity, with a sample grid — in this process, no cluster.
+
+The samples are the run's own evaluation (CFG-free ODE, noise seeded per prompt from
+``eval.seed``), so evaluating a run's final checkpoint reproduces its "after" figures.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reward_workers.digits import HeldoutSVM, prompt_digit
+from samplers.policy import load_velocity
+from samplers.sampler import Sampler
+from services.config import TrainConfig, load_config
+from services.evaluation import evaluation_of
+from services.report import eval_grid
+from services.rewards import RewardStage, component_means
+from services.world import load_policy
+
+
+def _resolve(checkpoint: Path, config: str | None, overrides: list[str]) -> tuple[TrainConfig, Path, Path | None]:
+    """(config, policy file, run directory or None) for a run dir, checkpoint dir or policy file."""
+    run = checkpoint if (checkpoint / "config.yaml").is_file() else None
+    if run is not None and config is None:
+        cfg = load_config(run / "config.yaml", overrides)
+    else:
+        cfg = load_config(config, overrides)
+    for cand in (checkpoint, checkpoint / "policy.safetensors", checkpoint / "checkpoint" / "policy.safetensors"):
+        if cand.is_file():
+            return cfg, cand, run
+    raise FileNotFoundError(f"no policy checkpoint at {checkpoint} (looked for the file, policy.safetensors "
+                            "and checkpoint/policy.safetensors)")
+
+
+def _load_weights(velocity: torch.nn.Module, path: Path) -> None:
+    """Full weights, or a LoRA adapter onto the configured base (its keys must be the adapter's)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("adapter_only") == "1":
+        state = load_file(str(path))
+        want = {k for k in velocity.transformer.state_dict() if "lora_" in k}
+        if set(state) != want:
+            raise ValueError(f"{path} holds a LoRA adapter that does not fit this policy's (set policy.lora "
+                             f"as the run did: {meta.get('lora', 'unknown')})")
+        velocity.transformer.load_state_dict(state, strict=False)
+    else:
+        velocity.load_state_dict(load_velocity(path).state_dict())
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one per line)")
+    return list(dict.fromkeys(prompts))
+
+
+def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_file: Path | None = None,
+                        samples: int | None = None, out: Path | None = None,
+                        overrides: list[str] | None = None) -> dict[str, Any]:
+    from services.driver import seed_for
+
+    cfg, policy_file, run = _resolve(checkpoint, config, list(overrides or []))
+    prompts = read_prompts(prompts_file) if prompts_file else list(dict.fromkeys(cfg.rollout.prompts))
+    n = samples or cfg.eval.samples_per_prompt
+    if n < 2:
+        raise ValueError(f"-n must be at least 2 (diversity compares samples), got {n}")
+    if cfg.reward.uses("digits_classifier"):
+        for p in prompts:
+            prompt_digit(p)  # raises, naming the prompt, when it names no single digit
+    parts = load_policy(cfg.policy)
+    _load_weights(parts.velocity, policy_file)
+    sampler = Sampler(parts.velocity, parts.encode, parts.decode, parts.latent_shape,
+                      num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=1.0, keep_states=False)
+    seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
+    traj = sampler.rollout(prompts, n, seeds, cfg_scale=1.0, kind="ode")
+    scored = RewardStage(cfg.reward).score(traj.images, traj.prompt_list())
+    images = traj.images.reshape(len(prompts), n, *traj.images.shape[1:])
+    accuracy = None
+    if cfg.policy.kind == "digits" and all(_is_digit_prompt(p) for p in prompts):
+        target = np.repeat([prompt_digit(p) for p in prompts], n)
+        accuracy = float((HeldoutSVM().predict(traj.images) == target).mean())
+    ev = evaluation_of(-1, prompts, images, scored["scores"], accuracy)
+    stamp = f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    out = out or ((run / stamp) if run is not None else Path(stamp))
+    out.mkdir(parents=True, exist_ok=False)
+    eval_grid(ev, out / "grid.png", min(cfg.eval.grid_columns, n))
+    result = {"checkpoint": str(policy_file), "prompts": prompts, "samples_per_prompt": n, **ev.headline(),
+              "rewards": {k.removeprefix("reward/"): v for k, v in component_means(scored, cfg.reward).items()
+                          if k.startswith("reward/")},
+              "per_prompt_reward": dict(zip(prompts, ev.per_prompt_reward, strict=True)),
+              "per_prompt_diversity": dict(zip(prompts, ev.per_prompt_diversity, strict=True))}
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["out"] = str(out)
+    return result
+
+
+def _is_digit_prompt(p: str) -> bool:
+    try:
+        prompt_digit(p)
+    except ValueError:
+        return False
+    return True
