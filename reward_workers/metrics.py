@@ -28,3 +28,11 @@ SERVICE_RECLAIMED = create("fmrl_reward_service_reclaimed_total")
 CLIENT_REQUEST_SECONDS = create("fmrl_reward_client_request_seconds")
 CLIENT_ERRORS = create("fmrl_reward_client_errors_total")
 CLIENT_IN_FLIGHT = create("fmrl_reward_client_in_flight")
+
+
+def client_metric_families() -> list:
+    """The reward client's metric families as this process holds them (cumulative), for a
+    training job to serve from its driver (the client runs inside a Ray actor)."""
+    from prometheus_client import REGISTRY
+
+    return [m for m in REGISTRY.collect() if m.name.startswith("fmrl_reward_client_")]

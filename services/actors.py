@@ -18,6 +18,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from reward_workers.metrics import client_metric_families
 from samplers.trajectory import Trajectory
 from services.config import ResourcesConfig, TrainConfig
 from services.evaluation import mean_pairwise_distance
@@ -86,6 +87,8 @@ class RewardWorker:
         groups = [p.images[p.prompt_ids.numpy() == j] for p in parts for j in range(len(p.prompts))]
         spreads = [mean_pairwise_distance(g) for g in groups if len(g) >= 2]
         scored["diversity"] = np.array(np.mean(spreads) if spreads else np.nan)
+        if self.stage.remote:  # the Redis clients' metrics, for the driver's /metrics
+            scored["_client_metrics"] = client_metric_families()
         return scored
 
 

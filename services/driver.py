@@ -291,7 +291,9 @@ class Pipeline:
             b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
             return b.scores
 
-        self._retry(score)  # a few floats per rollout; raises the reward's own errors
+        scored = self._retry(score)  # a few floats per rollout; raises the reward's own errors
+        if self.metrics is not None:
+            self.metrics.reward_clients(scored.get("_client_metrics", []))
         for k in ("dropped_stale", "redone_lost", "lost_reward"):
             self.totals[k] += getattr(b, k)
 
@@ -439,13 +441,14 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
                 pipe.sync()  # forms the group and proves it before the first rollout
             before = evaluate(pipe, cfg, 0, svm)
             before.save(run_dir / "eval_before.npz")
-            metrics.evaluation("before", before.reward, before.diversity, before.images[:, :, 0, 0, 0].size)
+            metrics.evaluation("before", before.reward, before.diversity, len(before.prompts) * before.images.shape[1])
             lines = [json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()})]
         else:
             state = json.loads((ckpt / "driver.json").read_text())
             ray.get(actors.learner.load.remote(str(ckpt.resolve())))
             start, t0 = state["iteration"], t0 - state["elapsed_s"]
             pipe.totals.update(state["totals"])
+            metrics.baseline(pipe.totals["resyncs"])
             pipe.sync()
             if pipe.version != state["version"]:
                 raise VersionMismatch(f"checkpoint {ckpt} holds version {pipe.version}, driver.json says "
@@ -501,7 +504,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             pipe.check_applied(block=True)
             pipe.sync(current=True)
             after = evaluate(pipe, cfg, pipe.version, svm)
-            metrics.evaluation("after", after.reward, after.diversity, after.images[:, :, 0, 0, 0].size)
+            metrics.evaluation("after", after.reward, after.diversity, len(after.prompts) * after.images.shape[1])
             mf.write(json.dumps({"kind": "eval", "when": "after", "version": pipe.version, **after.headline()}) + "\n")
         final = ray.get(actors.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         summary = write_outputs(run_dir, before, after, {

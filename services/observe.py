@@ -16,6 +16,17 @@ from prometheus_client import start_http_server
 from telemetry.metrics import training_registry
 
 
+class _Mirror:
+    """Serves the latest metric families reported by another process (the reward actor's
+    Redis clients) as they are: cumulative values, declared names."""
+
+    def __init__(self) -> None:
+        self.families: list = []
+
+    def collect(self):  # noqa: ANN201 - the prometheus-client collector protocol
+        return iter(self.families)
+
+
 class RunMetrics:
     """The training metrics of one run, and (when a port is given) their HTTP server."""
 
@@ -23,6 +34,8 @@ class RunMetrics:
         self.registry, self.m = training_registry()
         self._server = None
         self._resyncs = 0
+        self._clients = _Mirror()
+        self.registry.register(self._clients)
         self._diversity0: float | None = None
         if port is not None:
             try:
@@ -91,6 +104,15 @@ class RunMetrics:
         if resyncs > self._resyncs:  # the pipeline keeps a running total
             m["fmrl_actor_resyncs_total"].inc(resyncs - self._resyncs)
             self._resyncs = resyncs
+
+    def reward_clients(self, families: list) -> None:
+        """The reward clients' latest cumulative metrics (fmrl_reward_client_*)."""
+        if families:
+            self._clients.families = list(families)
+
+    def baseline(self, resyncs: int) -> None:
+        """A resumed run's running totals so far (counters count from this process's start)."""
+        self._resyncs = resyncs
 
     def sync(self, backend: str, seconds: float | None, nbytes: int, samplers: int) -> None:
         if seconds is not None:

@@ -69,6 +69,7 @@ class RewardStage:
 
     def __init__(self, cfg: RewardConfig) -> None:
         self.components = [(c, build_component(c)) for c in cfg.components]
+        self.remote = any(c.transport == "redis" for c in cfg.components)  # has Redis clients
         self._pool = ThreadPoolExecutor(max_workers=len(self.components), thread_name_prefix="reward")
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:

@@ -130,3 +130,25 @@ def test_declarations_follow_prometheus_naming():
         # no high-cardinality labels: never ids, prompts, versions or free text
         assert not set(m.labels) & {"id", "prompt", "version", "run", "request", "image", "step"}, m.name
         assert m.help.strip(), m.name
+
+
+def test_reward_client_metrics_from_the_reward_actor_are_served_by_the_driver():
+    from prometheus_client import generate_latest
+
+    from reward_workers import metrics as rm
+    from services.observe import RunMetrics
+
+    rm.CLIENT_REQUEST_SECONDS.labels("clip").observe(0.2)
+    rm.CLIENT_REQUEST_SECONDS.labels("clip").observe(3.0)
+    rm.CLIENT_ERRORS.labels("clip", "timeout").inc()
+    families = rm.client_metric_families()  # what the reward actor hands back with its scores
+    run = RunMetrics(None)
+    run.reward_clients(families)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(run.registry).decode())}
+    for m in METRICS:
+        if m.scope == "reward_client":
+            family, kind = exposed(m)
+            assert fams[family].type == kind, m.name
+    assert _value(fams, "fmrl_reward_client_request_seconds_count", reward="clip") >= 2
+    assert _value(fams, "fmrl_reward_client_request_seconds_bucket", reward="clip", le="0.25") >= 1
+    assert _value(fams, "fmrl_reward_client_errors_total", reward="clip", kind="timeout") >= 1
