@@ -29,5 +29,8 @@ def test_tiny_sd3_trains_a_lora_adapter_through_ray(cluster, tmp_path):
     saved = load_file(str(run / "checkpoint" / "policy.safetensors"))
     assert saved and all("lora_" in k for k in saved)
     assert summary["before"]["accuracy"] is None  # no digits classifier for SD3 images
-    assert summary["after"]["reward"] != summary["before"]["reward"]  # the adapter moved the policy
+    # the adapter trained (LoRA's B starts at zero) and moved the samples; the JPEG reward is
+    # whole bytes, so its mean can come out equal by chance — the diversity is continuous
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    assert summary["after"]["diversity"] != summary["before"]["diversity"]
     assert (run / "samples_before_after.png").is_file()
