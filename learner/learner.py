@@ -29,9 +29,10 @@ from learner.settings import LearnerSettings
 from samplers.policy import (
     AdapterDisabled,
     SD3Velocity,
-    adapter_state,
     is_adapted,
+    load_adapter,
     lora_settings,
+    published_state,
     save_velocity,
     state_checksum,
 )
@@ -143,8 +144,7 @@ class Learner:
     def publish(self, current: bool = False) -> WeightsPayload:
         """The rollout policy's weights (or π_θ's when ``current``), with version and checksum."""
         src = self.policy if current else self.rollout
-        weights = adapter_state(src) if self.adapted else src.state_dict()
-        state = {k: v.detach().clone() for k, v in weights.items()}
+        state = {k: v.detach().clone() for k, v in published_state(src).items()}
         return WeightsPayload(self.step if current else self.version, state, state_checksum(state))
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -253,11 +253,9 @@ class Learner:
         self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
         for model, weights in ((self.policy, policy_state), (self.rollout, rollout_state)):
             if self.adapted:  # the file holds the adapter; the base is the one this learner was built on
-                want = {k for k in model.transformer.state_dict() if "lora_" in k}
-                if set(weights) != want:
-                    raise ValueError(f"checkpoint {d} holds {len(weights)} tensors, this learner's adapter "
-                                     f"{len(want)} (another LoRA rank or target modules?)")
-            model.transformer.load_state_dict(weights, strict=not self.adapted)
+                load_adapter(model, weights, f"checkpoint {d}")
+            else:
+                model.transformer.load_state_dict(weights)
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         self.step = int(meta["step"])
         self.version = int(meta["version"])

@@ -78,7 +78,7 @@ def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str]
     if is_adapted(model):
         meta["lora"] = json.dumps(lora_settings(model))
     state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()
-             if "lora_" in k or not adapter_only}
+             if is_adapter_key(k) or not adapter_only}
     if adapter_only:
         meta["adapter_only"] = "1"
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -129,13 +129,18 @@ def add_lora(model: SD3Velocity, rank: int, alpha: float, target_modules: list[s
     model.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
                                              init_lora_weights=True), adapter_name=ADAPTER)
     for name, param in model.named_parameters():  # the adapter trains in float32 under bf16/fp16 weights
-        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+        if is_adapter_key(name) and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
     return model
 
 
+def is_adapter_key(name: str) -> bool:
+    """A state-dict key of the LoRA adapter (peft names them ``…lora_A…`` / ``…lora_B…``)."""
+    return "lora_" in name
+
+
 def is_adapted(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
+    return any(is_adapter_key(name) for name, _ in model.named_parameters())
 
 
 def lora_settings(model: SD3Velocity) -> dict[str, Any]:
@@ -145,7 +150,23 @@ def lora_settings(model: SD3Velocity) -> dict[str, Any]:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (what trains, and all that needs publishing or saving)."""
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+
+
+def published_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a learner publishes of ``model`` and a sampler receives into: the adapter of an
+    adapted policy, every tensor otherwise (one rule for both ends of the sync)."""
+    return adapter_state(model) if is_adapted(model) else model.state_dict()
+
+
+def load_adapter(model: SD3Velocity, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a saved adapter (transformer keys) onto an adapted policy built on its base;
+    refuses, loading nothing, one whose tensors are not exactly this policy's adapter."""
+    want = {k for k in model.transformer.state_dict() if is_adapter_key(k)}
+    if set(state) != want:
+        raise ValueError(f"{where} holds {len(state)} adapter tensors, this policy's adapter {len(want)} "
+                         "(another LoRA rank or target modules?)")
+    model.transformer.load_state_dict(state, strict=False)
 
 
 class AdapterDisabled(nn.Module):
@@ -165,4 +186,4 @@ class AdapterDisabled(nn.Module):
             policy.transformer.enable_adapters()
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self._policy[0].state_dict().items() if "lora_" not in k}
+        return {k: v for k, v in self._policy[0].state_dict().items() if not is_adapter_key(k)}

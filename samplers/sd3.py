@@ -213,16 +213,14 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def load_sd3_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A ``StableDiffusion3Pipeline`` from a local directory (or, where a hub is
-    reachable or the model is cached, a hub id), in ``dtype`` on ``device``.
+def locate_sd3_pipeline(path: str | Path) -> str:
+    """Where ``from_pretrained`` will read an SD3 pipeline from, checked without loading it:
+    a local directory, or a hub id that is cached (offline) or reachable.
 
     Raises FileNotFoundError for a path that is neither a directory nor a cached hub
     model (with ``HF_HUB_OFFLINE=1`` nothing is downloaded), ValueError for a directory
     that is not an SD3 pipeline (no model_index.json, or another pipeline class).
     """
-    from diffusers import StableDiffusion3Pipeline
-
     where = str(path)
     local = Path(path).expanduser()
     if local.is_dir():
@@ -231,10 +229,10 @@ def load_sd3_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, devi
             raise ValueError(f"{local} is not a diffusers pipeline directory (no model_index.json); "
                              "make a tiny one with `fmrl make-tiny-sd3 --out DIR`")
         _check_model_index(index, str(local))
-        source = str(local)
-    elif local.exists():
+        return str(local)
+    if local.exists():
         raise ValueError(f"{local} is a file; an SD3 pipeline is a directory with a model_index.json")
-    elif isinstance(path, str) and _HUB_ID.match(path):
+    if isinstance(path, str) and _HUB_ID.match(path):
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         if _hub_offline():
@@ -250,9 +248,17 @@ def load_sd3_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, devi
                 raise FileNotFoundError(f"no SD3 pipeline at {path!r}: not a local directory, and the hub "
                                         f"gives no model_index.json ({type(exc).__name__}: {exc})") from exc
         _check_model_index(Path(cached), path)
-        source = path
-    else:
-        raise FileNotFoundError(f"no SD3 pipeline at {where}: no such directory")
+        return path
+    raise FileNotFoundError(f"no SD3 pipeline at {where}: no such directory")
+
+
+def load_sd3_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A ``StableDiffusion3Pipeline`` from a local directory (or, where a hub is
+    reachable or the model is cached, a hub id), in ``dtype`` on ``device``; the source is
+    checked first (:func:`locate_sd3_pipeline`, whose errors it raises)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    source = locate_sd3_pipeline(path)
     with _quiet_progress():
         pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
     pipe = pipe.to(device)

@@ -19,6 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from reward_workers.metrics import client_metric_families
+from samplers.policy import published_state
 from samplers.trajectory import Trajectory
 from services.config import ResourcesConfig, TrainConfig
 from services.evaluation import mean_pairwise_distance
@@ -43,9 +44,8 @@ def _device(backend: str) -> str:
 
 
 class SamplerWorker:
-    def __init__(self, cfg: TrainConfig, index: int) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
-        self.index = index
         self.sampler = build_sampler(cfg)
         self.backend = cfg.pipeline.dist_backend
 
@@ -68,7 +68,8 @@ class SamplerWorker:
 
     def receive_weights(self) -> tuple[int, str]:
         """Receive a broadcast from the learner, verify it, apply it."""
-        version, checksum, state = receive_state(self.sampler.velocity.state_dict(), _device(self.backend))
+        # shaped like what the learner publishes: an adapted policy's adapter, else every tensor
+        version, checksum, state = receive_state(published_state(self.sampler.velocity), _device(self.backend))
         return self.sampler.apply(version, state, checksum)
 
 
@@ -199,5 +200,5 @@ def start_actors(cfg: TrainConfig, name: str = "fmrl") -> Actors:
     learner = ray.remote(LearnerWorker).options(name=f"{name}-learner", **opts(0, 0)).remote(cfg)
     reward = ray.remote(RewardWorker).options(name=f"{name}-reward", **opts(1, r.max_restarts)).remote(cfg)
     samplers = [ray.remote(SamplerWorker).options(name=f"{name}-sampler-{i}", **opts(2 + i, r.max_restarts))
-                .remote(cfg, i) for i in range(r.num_samplers)]
+                .remote(cfg) for i in range(r.num_samplers)]
     return Actors(samplers, reward, learner, pg)

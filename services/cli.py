@@ -69,15 +69,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A policy file, a checkpoint directory, or a run directory → the policy safetensors."""
-    for cand in (path, path / "policy.safetensors", path / "checkpoint" / "policy.safetensors"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no policy checkpoint at {path} (looked for the file, "
-                            "policy.safetensors and checkpoint/policy.safetensors)")
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -86,6 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from samplers.policy import load_velocity
     from samplers.sampler import Sampler
     from samplers.text import PromptEncoder
+    from services.world import resolve_checkpoint
 
     prompts = [p for p in args.prompt]
     if not prompts or any(not p.strip() for p in prompts):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from reward_workers.digits import HeldoutSVM, prompt_digit
+from reward_workers.digits import HeldoutSVM
 from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
@@ -127,7 +127,8 @@ class Pipeline:
         self.pending: list[tuple[int, Any, int, str]] = []  # (sampler, apply ref, version, checksum) to verify
         self.checksum = ""
         self.applied = [0] * len(actors.samplers)
-        self.totals = {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0}
+        self.totals = {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0,
+                       "broadcast_failures": 0}
         self.dist = cfg.pipeline.weight_sync == "torch_distributed"
         self.current = False
         self.metrics: RunMetrics | None = None
@@ -167,7 +168,7 @@ class Pipeline:
                 # version goes through the object store, and the group is formed again next time
                 log.warning("weight broadcast failed (%s); publishing through the object store",
                             str(exc).splitlines()[0])
-                self.totals["broadcast_failures"] = self.totals.get("broadcast_failures", 0) + 1
+                self.totals["broadcast_failures"] += 1
                 self.regroup, refs = True, {}
         if not refs:
             self.payload, want = self.a.learner.publish.remote(current)
@@ -250,9 +251,10 @@ class Pipeline:
         return Batch(it, parts, self.a.reward.score.remote(*[p.traj for p in parts]))
 
     def settle(self, b: Batch, max_lag: int, n: int, cfg_scale: float | None = None,
-               kind: str | None = None) -> None:
+               kind: str | None = None) -> dict[str, Any]:
         """Make every part of ``b`` a rollout within ``max_lag`` published versions of the
-        newest, redoing parts lost with their sampler or too stale; then make sure of its scores."""
+        newest, redoing parts lost with their sampler or too stale; then make sure of its
+        scores, which it returns (a few floats per rollout)."""
         self.check_applied()
         redone = False
         for _ in range(4 * (self.cfg.resources.max_restarts + 1)):
@@ -296,6 +298,7 @@ class Pipeline:
             self.metrics.reward_clients(scored.get("_client_metrics", []))
         for k in ("dropped_stale", "redone_lost", "lost_reward"):
             self.totals[k] += getattr(b, k)
+        return scored
 
     def lag(self, version: int) -> int:
         """Published versions between ``version`` and the newest (a large number when it was
@@ -319,15 +322,14 @@ def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | N
     n = cfg.eval.samples_per_prompt
     seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
     batch = pipe.launch(-1, prompts, seeds, n, cfg_scale=1.0, kind="ode")
-    pipe.settle(batch, 0, n, cfg_scale=1.0, kind="ode")
-    scored = ray.get(batch.scores)
-    flat = np.concatenate([t.images for t in ray.get([p.traj for p in batch.parts])])
-    images = flat.reshape(len(prompts), n, *flat.shape[1:])
+    scored = pipe.settle(batch, 0, n, cfg_scale=1.0, kind="ode")
+    trajs = ray.get([p.traj for p in batch.parts])
+    flat = np.concatenate([t.images for t in trajs])
     accuracy = None
-    if svm is not None:
-        target = np.repeat([prompt_digit(p) for p in prompts], n)
-        accuracy = float((svm.predict(images.reshape(-1, *images.shape[2:])) == target).mean())
-    return evaluation_of(version, prompts, images, scored["scores"], accuracy)
+    if svm is not None:  # the held-out SVM as a reward: 1 where it reads the prompted digit
+        accuracy = float(svm(flat, [s for t in trajs for s in t.prompt_list()]).scores.mean())
+    return evaluation_of(version, prompts, flat.reshape(len(prompts), n, *flat.shape[1:]), scored["scores"],
+                         accuracy)
 
 
 def make_run_dir(cfg: TrainConfig, config_name: str) -> Path:
@@ -441,7 +443,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
                 pipe.sync()  # forms the group and proves it before the first rollout
             before = evaluate(pipe, cfg, 0, svm)
             before.save(run_dir / "eval_before.npz")
-            metrics.evaluation("before", before.reward, before.diversity, len(before.prompts) * before.images.shape[1])
+            metrics.evaluation("before", before)
             lines = [json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()})]
         else:
             state = json.loads((ckpt / "driver.json").read_text())
@@ -504,7 +506,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             pipe.check_applied(block=True)
             pipe.sync(current=True)
             after = evaluate(pipe, cfg, pipe.version, svm)
-            metrics.evaluation("after", after.reward, after.diversity, len(after.prompts) * after.images.shape[1])
+            metrics.evaluation("after", after)
             mf.write(json.dumps({"kind": "eval", "when": "after", "version": pipe.version, **after.headline()}) + "\n")
         final = ray.get(actors.learner.save.remote(str((run_dir / "checkpoint").resolve())))
         summary = write_outputs(run_dir, before, after, {

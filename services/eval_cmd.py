@@ -12,31 +12,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from reward_workers.digits import HeldoutSVM, prompt_digit
-from samplers.policy import load_velocity
+from samplers.policy import load_adapter, load_velocity
 from samplers.sampler import Sampler
 from services.config import TrainConfig, load_config
 from services.evaluation import evaluation_of
 from services.report import eval_grid
 from services.rewards import RewardStage, component_means
-from services.world import load_policy
+from services.world import load_policy, resolve_checkpoint
 
 
 def _resolve(checkpoint: Path, config: str | None, overrides: list[str]) -> tuple[TrainConfig, Path, Path | None]:
     """(config, policy file, run directory or None) for a run dir, checkpoint dir or policy file."""
     run = checkpoint if (checkpoint / "config.yaml").is_file() else None
-    if run is not None and config is None:
-        cfg = load_config(run / "config.yaml", overrides)
-    else:
-        cfg = load_config(config, overrides)
-    for cand in (checkpoint, checkpoint / "policy.safetensors", checkpoint / "checkpoint" / "policy.safetensors"):
-        if cand.is_file():
-            return cfg, cand, run
-    raise FileNotFoundError(f"no policy checkpoint at {checkpoint} (looked for the file, policy.safetensors "
-                            "and checkpoint/policy.safetensors)")
+    cfg = load_config(run / "config.yaml" if run is not None and config is None else config, overrides)
+    return cfg, resolve_checkpoint(checkpoint), run
 
 
 def _load_weights(velocity: torch.nn.Module, path: Path) -> None:
@@ -47,12 +39,8 @@ def _load_weights(velocity: torch.nn.Module, path: Path) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("adapter_only") == "1":
-        state = load_file(str(path))
-        want = {k for k in velocity.transformer.state_dict() if "lora_" in k}
-        if set(state) != want:
-            raise ValueError(f"{path} holds a LoRA adapter that does not fit this policy's (set policy.lora "
-                             f"as the run did: {meta.get('lora', 'unknown')})")
-        velocity.transformer.load_state_dict(state, strict=False)
+        load_adapter(velocity, load_file(str(path)), f"{path} (set policy.lora as the run did: "
+                                                      f"{meta.get('lora', 'unknown')})")
     else:
         velocity.load_state_dict(load_velocity(path).state_dict())
 
@@ -89,8 +77,7 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
     images = traj.images.reshape(len(prompts), n, *traj.images.shape[1:])
     accuracy = None
     if cfg.policy.kind == "digits" and all(_is_digit_prompt(p) for p in prompts):
-        target = np.repeat([prompt_digit(p) for p in prompts], n)
-        accuracy = float((HeldoutSVM().predict(traj.images) == target).mean())
+        accuracy = float(HeldoutSVM()(traj.images, traj.prompt_list()).scores.mean())
     ev = evaluation_of(-1, prompts, images, scored["scores"], accuracy)
     stamp = f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     out = out or ((run / stamp) if run is not None else Path(stamp))

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from services.evaluation import Evaluation
 from telemetry.metrics import training_registry
 
 
@@ -119,10 +120,10 @@ class RunMetrics:
             self.m["fmrl_weight_sync_seconds"].labels(backend=backend).observe(seconds)
         self.m["fmrl_weight_sync_bytes_total"].labels(backend=backend).inc(nbytes * samplers)
 
-    def evaluation(self, when: str, reward: float, diversity: float, images: int) -> None:
-        self.m["fmrl_eval_reward"].labels(when=when).set(reward)
-        self.m["fmrl_eval_diversity"].labels(when=when).set(diversity)
-        self.m["fmrl_rollout_images_total"].labels(purpose="eval").inc(images)
+    def evaluation(self, when: str, ev: Evaluation) -> None:
+        self.m["fmrl_eval_reward"].labels(when=when).set(ev.reward)
+        self.m["fmrl_eval_diversity"].labels(when=when).set(ev.diversity)
+        self.m["fmrl_rollout_images_total"].labels(purpose="eval").inc(ev.images.shape[0] * ev.images.shape[1])
 
 
 def _versions() -> dict[str, str]:

@@ -31,44 +31,40 @@ def _mosaic(images: np.ndarray, columns: int, scale: int = 6, pad: int = 3) -> n
     return out
 
 
+def _grid_panel(ax, ev: Evaluation, columns: int, title: str, labels: bool = True) -> None:  # noqa: ANN001 - an Axes
+    """One labelled row of ``columns`` samples per prompt of ``ev`` on ``ax``."""
+    scale = max(1, 48 // ev.images.shape[2])
+    m = _mosaic(ev.images, columns, scale)
+    ax.imshow(m, interpolation="nearest", **({} if m.ndim == 3 else {"cmap": "gray_r", "vmin": 0, "vmax": 255}))
+    h = ev.images.shape[2] * scale + 3
+    ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
+    ax.set_yticklabels(ev.prompts if labels else [""] * len(ev.prompts), fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:  # noqa: ANN001 - a Figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int = 8) -> Path:
     """Side-by-side grids, one labelled row per prompt: before (left) and after (right)."""
     columns = min(columns, before.images.shape[1])
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 2 * 0.42 * columns, 0.5 + 0.42 * len(before.prompts)))
     for ax, ev, title in ((axes[0], before, "before"), (axes[1], after, "after")):
-        scale = max(1, 48 // ev.images.shape[2])
-        m = _mosaic(ev.images, columns, scale)
-        if m.ndim == 3:
-            ax.imshow(m, interpolation="nearest")
-        else:
-            ax.imshow(m, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        h = ev.images.shape[2] * scale + 3
-        ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
-        ax.set_yticklabels(ev.prompts if ax is axes[0] else [""] * len(ev.prompts), fontsize=8)
-        ax.set_xticks([])
-        ax.set_title(f"{title} (v{ev.version}) reward {ev.reward:.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _grid_panel(ax, ev, columns, f"{title} (v{ev.version}) reward {ev.reward:.3f}", labels=ax is axes[0])
+    return _save(fig, path)
 
 
 def eval_grid(ev: Evaluation, path: Path, columns: int = 8) -> Path:
     """One labelled row of samples per prompt."""
     columns = min(columns, ev.images.shape[1])
-    scale = max(1, 48 // ev.images.shape[2])
     fig, ax = plt.subplots(figsize=(2.2 + 0.42 * columns, 0.5 + 0.42 * len(ev.prompts)))
-    m = _mosaic(ev.images, columns, scale)
-    ax.imshow(m, interpolation="nearest", **({} if m.ndim == 3 else {"cmap": "gray_r", "vmin": 0, "vmax": 255}))
-    h = ev.images.shape[2] * scale + 3
-    ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
-    ax.set_yticklabels(ev.prompts, fontsize=8)
-    ax.set_xticks([])
-    ax.set_title(f"reward {ev.reward:.3f}, diversity {ev.diversity:.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _grid_panel(ax, ev, columns, f"reward {ev.reward:.3f}, diversity {ev.diversity:.3f}")
+    return _save(fig, path)
 
 
 def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Path:
@@ -102,10 +98,7 @@ def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Pa
     ax.set_ylabel("reward (prob. of prompted digit)" if probability else "training reward Σ wᵢ·rᵢ")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def summary_table(before: Evaluation, after: Evaluation) -> str:
@@ -157,10 +150,7 @@ def _curves(train: list[dict], path: Path) -> Path:
     ax.set_xlabel("iteration")
     ax.set_title("W2 bound (ORW-CFM-W2, Thm 3)", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def _img(path: Path) -> str:

@@ -8,7 +8,6 @@ Diffusion 3 pipelines (latents, the pipeline's own text encoders and VAE).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +35,19 @@ def check_policy_source(cfg: PolicyConfig) -> None:
     """Fail early, naming it, when the policy's weights cannot be there."""
     if cfg.kind == "digits":
         policy_checkpoint(cfg)
-        return
-    path = Path(str(cfg.pretrained))
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"policy.pretrained {path} is not a diffusers pipeline directory "
-                                    "(model_index.json missing)")
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"policy.pretrained {cfg.pretrained!r} is not a directory, and the hub is "
-                                "offline (HF_HUB_OFFLINE=1): point it at a local pipeline directory")
+    else:
+        from samplers.sd3 import locate_sd3_pipeline
+
+        locate_sd3_pipeline(str(cfg.pretrained))
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A policy file, a checkpoint directory, or a run directory → the policy safetensors."""
+    for cand in (path, path / "policy.safetensors", path / "checkpoint" / "policy.safetensors"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no policy checkpoint at {path} (looked for the file, "
+                            "policy.safetensors and checkpoint/policy.safetensors)")
 
 
 @dataclass

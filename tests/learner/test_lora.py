@@ -10,7 +10,7 @@ import torch
 from learner.learner import Learner, LearnerSettings
 from learner.settings import ORWParams
 from samplers.digits import IMAGE_SHAPE, to_uint8
-from samplers.policy import add_lora, load_velocity, state_checksum
+from samplers.policy import add_lora, load_velocity, published_state, state_checksum
 from samplers.sampler import Sampler
 from tests.helpers import fake_batch, table_encode, tiny_velocity
 
@@ -61,6 +61,9 @@ def test_only_the_adapter_is_published_and_a_sampler_applies_it():
     n_adapter = sum(v.numel() for v in payload.state.values())
     assert n_adapter < sum(v.numel() for v in ln.rollout.state_dict().values()) / 5
     s = Sampler(_adapted(), table_encode, to_uint8, IMAGE_SHAPE, num_steps=3)
+    # a broadcast receiver shapes its buffer by published_state: the same tensors the learner sends
+    template = published_state(s.velocity)
+    assert {k: v.shape for k, v in template.items()} == {k: v.shape for k, v in payload.state.items()}
     assert s.apply(payload.version, payload.state, payload.checksum) == (payload.version, payload.checksum)
     x, t, c = _inputs(1)
     with torch.no_grad():

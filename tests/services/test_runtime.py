@@ -78,7 +78,8 @@ def test_reference_run_is_synchronous_and_checkpointed(reference):
     # the two newest resumable checkpoints are kept, the latest pointer names the last
     assert sorted(p.name for p in (run / "checkpoints").glob("iter-*")) == ["iter-0000004", "iter-0000006"]
     assert latest_checkpoint(run).name == "iter-0000006"
-    assert summary["pipeline"] == {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0}
+    assert summary["pipeline"] == {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0,
+                                   "broadcast_failures": 0}
 
 
 @pytest.mark.parametrize("lag", [1, 2])
