@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/digits_ac_flow.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint redis assets clean-runs
+.PHONY: setup run test lint programs redis assets clean-runs
 
 setup: $(STAMP)
 
@@ -26,14 +26,21 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 run: setup
 	$(VENV)/bin/fmrl train --config $(CONFIG)
 
-# redis-server for the tests that need one (the fixtures start it on a free port)
-redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi; }
+# Programs the tests start, from Debian's packages where missing: redis-server (the reward
+# services' queue) and prometheus + promtool (the metrics tests scrape a run with a real one)
+redis: programs
 
-test: setup redis
+programs:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: setup programs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -64,7 +64,7 @@ def time_calls(reps: int, fn, *args) -> list[float]:  # noqa: ANN001 - any calla
 def start_redis() -> tuple[subprocess.Popen, str]:
     exe = shutil.which("redis-server")
     if exe is None:
-        sys.exit("redis-server is not installed (make redis)")
+        sys.exit("redis-server is not installed (make programs)")
     port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

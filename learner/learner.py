@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step = 0
+        self.step_phase_seconds: list[dict[str, float]] = []  # per optimiser step of the last update
         self.version = 0
 
     # ---- updates -------------------------------------------------------------------
@@ -94,6 +96,7 @@ class Learner:
         scored = Batch(batch.samples, self.encode(list(batch.prompts)).index(batch.prompt_ids), rewards,
                        batch.prompt_list(), batch.prompt_ids, batch.states, batch.times, batch.log_probs)
         totals: dict[str, float] = {}
+        self.step_phase_seconds = []
         for _ in range(self.settings.updates_per_batch):
             for k, v in self._optimizer_step(scored).items():
                 totals[k] = totals.get(k, 0.0) + v / self.settings.updates_per_batch
@@ -102,8 +105,10 @@ class Learner:
 
     def _optimizer_step(self, b: Batch) -> dict[str, float]:
         s = self.settings
+        t0 = time.perf_counter()
         # whole-batch inputs first, so micro-batching changes nothing
         prep, stats, train_actor = self.rule.prepare(self, b)
+        t1 = time.perf_counter()
         n = next(iter(prep.values())).shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -116,6 +121,7 @@ class Learner:
             loss_sum += float(losses.detach().sum())
             for k, v in st.items():  # the objective's statistics, row-weighted over micro-batches
                 sums[k] = sums.get(k, 0.0) + float(v) * losses.shape[0]
+        t2 = time.perf_counter()
         grad_norm = 0.0
         if train_actor:
             grad_norm = float(nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))
@@ -130,6 +136,8 @@ class Learner:
             ema_update(self.rollout, self.policy, s.rollout_ema_decay)
         if self.step % s.rollout_refresh_every == 0:
             self.refresh_rollout()
+        self.step_phase_seconds.append({"prepare": t1 - t0, "forward_backward": t2 - t1,
+                                        "optimizer": time.perf_counter() - t2})
         return {"loss": loss_sum / n, **{k: v / n for k, v in sums.items()}, "grad_norm": grad_norm,
                 "lr": self.scheduler.get_last_lr()[0], **stats}
 

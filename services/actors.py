@@ -9,6 +9,8 @@ the learner does not.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,33 @@ from services.weight_sync import (
     receive_state,
 )
 from services.world import build_learner, build_sampler
+from telemetry.metrics import ray_metric
 
 
 class PlacementError(RuntimeError):
     """The cluster cannot place the run's actors."""
+
+
+class _ActorMetrics:
+    """What an actor records through Ray's metrics (telemetry/metrics.py, scope ray_actor):
+    its busy seconds, and the timings of its role."""
+
+    def __init__(self, role: str, *names: str) -> None:
+        self.role = role
+        self.busy = ray_metric("fmrl_actor_busy_seconds_total")
+        self.m = {name: ray_metric(name) for name in names}
+
+    @contextmanager
+    def work(self, histogram: str | None = None, **tags: str):
+        """Time a work call: its seconds go to the busy counter (and to ``histogram``)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.busy.inc(dt, tags={"role": self.role})
+            if histogram is not None:
+                self.m[histogram].observe(dt, tags=tags or None)
 
 
 def _device(backend: str) -> str:
@@ -48,16 +73,26 @@ class SamplerWorker:
         torch.set_num_threads(cfg.resources.torch_threads)
         self.sampler = build_sampler(cfg)
         self.backend = cfg.pipeline.dist_backend
+        self.metrics = _ActorMetrics("sampler", "fmrl_sampler_rollout_seconds", "fmrl_sampler_rollout_images_total",
+                                     "fmrl_sampler_weight_apply_seconds", "fmrl_sampler_policy_version")
+        self.metrics.m["fmrl_sampler_policy_version"].set(self.sampler.version)
+
+    def _applied(self, out: tuple[int, str]) -> tuple[int, str]:
+        self.metrics.m["fmrl_sampler_policy_version"].set(out[0])
+        return out
 
     def apply_weights(self, payload: WirePayload) -> tuple[int, str]:
         """Apply published weights; returns the (version, checksum) now in use."""
-        return self.sampler.apply(payload.version, payload.state(), payload.checksum)
+        with self.metrics.work("fmrl_sampler_weight_apply_seconds", backend="object_store"):
+            return self._applied(self.sampler.apply(payload.version, payload.state(), payload.checksum))
 
     @ray.method(num_returns=2)
     def rollout(self, prompts: list[str], samples_per_prompt: int, seeds: list[int],
                 cfg_scale: float | None = None, kind: str | None = None) -> tuple[Trajectory, dict[str, Any]]:
         """The trajectory, and a few bytes about it that the driver reads instead of the tensors."""
-        traj = self.sampler.rollout(prompts, samples_per_prompt, seeds, cfg_scale, kind)
+        with self.metrics.work("fmrl_sampler_rollout_seconds"):
+            traj = self.sampler.rollout(prompts, samples_per_prompt, seeds, cfg_scale, kind)
+        self.metrics.m["fmrl_sampler_rollout_images_total"].inc(traj.size)
         return traj, {"version": traj.version, "size": traj.size}
 
     def version(self) -> tuple[int, str]:
@@ -68,26 +103,31 @@ class SamplerWorker:
 
     def receive_weights(self) -> tuple[int, str]:
         """Receive a broadcast from the learner, verify it, apply it."""
-        # shaped like what the learner publishes: an adapted policy's adapter, else every tensor
-        version, checksum, state = receive_state(published_state(self.sampler.velocity), _device(self.backend))
-        return self.sampler.apply(version, state, checksum)
+        with self.metrics.work("fmrl_sampler_weight_apply_seconds", backend="torch_distributed"):
+            # shaped like what the learner publishes: an adapted policy's adapter, else every tensor
+            version, checksum, state = receive_state(published_state(self.sampler.velocity), _device(self.backend))
+            return self._applied(self.sampler.apply(version, state, checksum))
 
 
 class RewardWorker:
     def __init__(self, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
         self.stage = RewardStage(cfg.reward)
+        self.metrics = _ActorMetrics("reward", "fmrl_reward_score_seconds")
 
     def score(self, *parts: Trajectory) -> dict[str, np.ndarray]:
         """Scores of the concatenated batches: ``scores`` (B,), each component's and their
         details, and ``diversity``: the batch's mean pairwise distance within a prompt's samples
         (pixels in [0, 1], averaged over prompts with two or more), the collapse watch."""
-        images = np.concatenate([p.images for p in parts])
-        prompts = [s for p in parts for s in p.prompt_list()]
-        scored = self.stage.score(images, prompts)
-        groups = [p.images[p.prompt_ids.numpy() == j] for p in parts for j in range(len(p.prompts))]
-        spreads = [mean_pairwise_distance(g) for g in groups if len(g) >= 2]
-        scored["diversity"] = np.array(np.mean(spreads) if spreads else np.nan)
+        with self.metrics.work():
+            images = np.concatenate([p.images for p in parts])
+            prompts = [s for p in parts for s in p.prompt_list()]
+            scored = self.stage.score(images, prompts)
+            groups = [p.images[p.prompt_ids.numpy() == j] for p in parts for j in range(len(p.prompts))]
+            spreads = [mean_pairwise_distance(g) for g in groups if len(g) >= 2]
+            scored["diversity"] = np.array(np.mean(spreads) if spreads else np.nan)
+        for label, seconds in self.stage.seconds.items():
+            self.metrics.m["fmrl_reward_score_seconds"].observe(seconds, tags={"reward": label})
         if self.stage.remote:  # the Redis clients' metrics, for the driver's /metrics
             scored["_client_metrics"] = client_metric_families()
         return scored
@@ -99,11 +139,16 @@ class LearnerWorker:
         self.learner = build_learner(cfg)
         self.backend = cfg.pipeline.dist_backend
         self.reward_cfg = cfg.reward
+        self.metrics = _ActorMetrics("learner", "fmrl_learner_step_phase_seconds", "fmrl_learner_publish_seconds")
 
     def update(self, scored: dict[str, np.ndarray], *parts: Trajectory) -> dict[str, Any]:
         batch = Trajectory.concat(list(parts))
         rewards = torch.tensor(scored["scores"], dtype=torch.float32)  # arrives read-only
-        stats = self.learner.update(batch, rewards)
+        with self.metrics.work():
+            stats = self.learner.update(batch, rewards)
+        for phases in self.learner.step_phase_seconds:
+            for phase, seconds in phases.items():
+                self.metrics.m["fmrl_learner_step_phase_seconds"].observe(seconds, tags={"phase": phase})
         stats.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                      step=self.learner.step, version=self.learner.version)
         stats.update(component_means(scored, self.reward_cfg))
@@ -115,8 +160,9 @@ class LearnerWorker:
     @ray.method(num_returns=2)
     def publish(self, current: bool = False) -> tuple[WirePayload, tuple[int, str, int]]:
         """The payload (for samplers) and its (version, checksum, bytes) (for the driver)."""
-        p = self.learner.publish(current)
-        wire = WirePayload.from_state(p.version, p.state, p.checksum)
+        with self.metrics.work("fmrl_learner_publish_seconds", backend="object_store"):
+            p = self.learner.publish(current)
+            wire = WirePayload.from_state(p.version, p.state, p.checksum)
         return wire, (p.version, p.checksum, wire.nbytes)
 
     def group_address(self) -> tuple[str, int]:
@@ -127,8 +173,9 @@ class LearnerWorker:
 
     def broadcast_weights(self, current: bool = False) -> tuple[int, str, int]:
         """Broadcast the published weights to the group; returns (version, checksum, bytes)."""
-        p = self.learner.publish(current)
-        nbytes = broadcast_state(p.version, p.state, p.checksum, _device(self.backend))
+        with self.metrics.work("fmrl_learner_publish_seconds", backend="torch_distributed"):
+            p = self.learner.publish(current)
+            nbytes = broadcast_state(p.version, p.state, p.checksum, _device(self.backend))
         return p.version, p.checksum, nbytes
 
     def save(self, directory: str) -> str:

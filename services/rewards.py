@@ -75,7 +75,15 @@ class RewardStage:
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """``scores`` (B,) the weighted sum; ``<name>`` each component's (B,) scores,
         ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch."""
-        outs = list(self._pool.map(lambda comp: comp[1](images, prompts), self.components))
+        def timed(comp: tuple) -> dict:
+            t0 = time.perf_counter()
+            try:
+                return comp[1](images, prompts)
+            finally:
+                self.seconds[comp[0].label] = time.perf_counter() - t0
+
+        self.seconds: dict[str, float] = {}  # each component's time on the last batch
+        outs = list(self._pool.map(timed, self.components))
         out = combine([(c.label, c.weight, o) for (c, _), o in zip(self.components, outs, strict=True)], len(prompts))
         return {"scores": out.scores, **out.details}
 

@@ -8,7 +8,11 @@ docs/metrics.md use only the names below; a test checks that.
 
 The training job's metrics live in a registry of their own (:func:`training_registry`),
 served by the driver; the reward service and the reward client use the default registry
-(their process serves it).
+(their process serves it). The ``ray_actor`` ones are recorded inside the Ray actors through
+Ray's metrics API (:func:`ray_metric`) and served by every node's Ray metrics agent, which
+prefixes them ``ray_`` (:attr:`Metric.series`); Ray (2.60, OpenTelemetry) also reports a
+histogram's ``_sum`` from its buckets' midpoints, so exact totals are counters of their own
+(``fmrl_actor_busy_seconds_total``) and histograms are read by their buckets.
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ class Metric:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] | None = None
-    scope: Literal["training", "reward_service", "reward_client"] = "training"
+    scope: Literal["training", "reward_service", "reward_client", "ray_actor"] = "training"
+
+    @property
+    def series(self) -> str:
+        """The name a scrape shows (Ray's agent prefixes what actors record with ``ray_``)."""
+        return "ray_" + self.name if self.scope == "ray_actor" else self.name
 
 
 METRICS: tuple[Metric, ...] = (
@@ -120,6 +129,29 @@ METRICS: tuple[Metric, ...] = (
            "unavailable, worker_error, redis).", ("reward", "kind"), scope="reward_client"),
     Metric("fmrl_reward_client_in_flight", "gauge", "requests", "Requests submitted and not yet answered.",
            ("reward",), scope="reward_client"),
+    # ---- inside the Ray actors (Ray's metrics agent serves them, prefixed ray_) ---------------
+    Metric("fmrl_actor_busy_seconds_total", "counter", "seconds", "Seconds an actor spent in its work calls "
+           "(rollouts and weight applies; updates and publishing; scoring), by role: 1 - rate() is its idle "
+           "share, per actor (Ray's WorkerId label).", ("role",), scope="ray_actor"),
+    Metric("fmrl_sampler_rollout_seconds", "histogram", "seconds", "A sampler's compute time for one rollout "
+           "call, inside the actor (no queueing, no transfer).", buckets=SECONDS_BUCKETS, scope="ray_actor"),
+    Metric("fmrl_sampler_rollout_images_total", "counter", "images", "Images a sampler rolled out (training "
+           "and evaluation, dropped ones included).", scope="ray_actor"),
+    Metric("fmrl_sampler_weight_apply_seconds", "histogram", "seconds", "A sampler's time to receive, verify "
+           "and load a version, by backend (a broadcast's includes waiting for it).", ("backend",),
+           SECONDS_BUCKETS, scope="ray_actor"),
+    Metric("fmrl_sampler_policy_version", "gauge", "", "The policy version a sampler holds (one series per "
+           "sampler).", scope="ray_actor"),
+    Metric("fmrl_learner_step_phase_seconds", "histogram", "seconds", "The learner's time per optimiser "
+           "step inside its actor, by phase: prepare (the objective's whole-batch inputs: critic fit, "
+           "advantages), forward_backward, optimizer (clip, step, the rollout policy's update).", ("phase",),
+           SECONDS_BUCKETS, scope="ray_actor"),
+    Metric("fmrl_learner_publish_seconds", "histogram", "seconds", "The learner's time to publish a version "
+           "(copy and checksum; a broadcast's send), by backend.", ("backend",), SECONDS_BUCKETS,
+           scope="ray_actor"),
+    Metric("fmrl_reward_score_seconds", "histogram", "seconds", "The reward actor's time to score one "
+           "batch, by reward component (a Redis component's includes the service's round trip).",
+           ("reward",), LATENCY_BUCKETS, scope="ray_actor"),
 )
 
 BY_NAME = {m.name: m for m in METRICS}
@@ -146,10 +178,24 @@ def create(name: str, registry: CollectorRegistry | None = None):  # noqa: ANN20
 def exposed(m: Metric) -> tuple[str, str]:
     """The family name and type a scrape shows for ``m`` (text format 0.0.4: info is a gauge)."""
     if m.kind == "counter":
-        return m.name.removesuffix("_total"), "counter"
+        return m.series.removesuffix("_total"), "counter"
     if m.kind == "info":
-        return m.name, "gauge"
-    return m.name, m.kind
+        return m.series, "gauge"
+    return m.series, m.kind
+
+
+def ray_metric(name: str):  # noqa: ANN201 - a ray.util.metrics object
+    """The Ray metric of a declared ``ray_actor`` metric, for use inside an actor."""
+    from ray.util import metrics as rm
+
+    m = spec(name)
+    if m.scope != "ray_actor":
+        raise ValueError(f"{name} is not recorded through Ray's metrics (scope {m.scope})")
+    if m.kind == "counter":
+        return rm.Counter(m.name, m.help, m.labels)
+    if m.kind == "gauge":
+        return rm.Gauge(m.name, m.help, m.labels)
+    return rm.Histogram(m.name, m.help, list(m.buckets or SECONDS_BUCKETS), m.labels)
 
 
 def training_registry() -> tuple[CollectorRegistry, dict[str, object]]:
@@ -163,5 +209,5 @@ def markdown_table() -> str:
     rows = ["| name | type | unit | labels | help |", "|---|---|---|---|---|"]
     for m in METRICS:
         labels = ", ".join(f"`{x}`" for x in m.labels) or "—"
-        rows.append(f"| `{m.name}` | {m.kind} | {m.unit or '—'} | {labels} | {m.help} |")
+        rows.append(f"| `{m.series}` | {m.kind} | {m.unit or '—'} | {labels} | {m.help} |")
     return "\n".join(rows)

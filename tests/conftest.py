@@ -49,7 +49,7 @@ def start_redis(workdir: Path, *args: str, port: int | None = None,
     until it accepts TCP connections on ``ready_port`` (default: its port)."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.fail("redis-server is not installed; the reward-service tests need it: run `make redis` "
+        pytest.fail("redis-server is not installed; the reward-service tests need it: run `make programs` "
                     "(or `apt-get install -y redis-server`)", pytrace=False)
     port = free_port() if port is None else port
     workdir.mkdir(parents=True, exist_ok=True)
@@ -118,3 +118,90 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass
+class PrometheusServer:
+    """A real ``prometheus`` this test started (127.0.0.1, a free port, storage in a tmp dir)."""
+
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api(self, path: str, **params: object) -> object:
+        """``/api/v1/<path>``'s data (GET with ``params``); a failed query fails the test."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def wait_scraped(self, timeout: float = 20.0) -> None:
+        """Until a target has been scraped: ready is not enough, Prometheus applies the config's
+        targets on a 5 s tick, so the first scrape can come seconds later."""
+        deadline = time.monotonic() + timeout
+        while not self.api("query", query="up == 1")["result"]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prometheus scraped nothing within {timeout} s:\n{self.log.read_text()[-2000:]}",
+                            pytrace=False)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_prometheus(workdir: Path, targets: dict[str, list[str]], rule_files: tuple[Path, ...] = (),
+                     interval: str = "1s") -> PrometheusServer:
+    """Start ``prometheus`` scraping ``targets`` (job → host:port list) every ``interval``,
+    evaluating ``rule_files``; returns once it reports ready."""
+    import json
+    import urllib.request
+
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is not installed; `make test` installs it (apt-get install -y prometheus)",
+                    pytrace=False)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
+              "rule_files": [str(f) for f in rule_files],
+              "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
+                                 for job, hosts in targets.items()]}
+    (workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([exe, f"--config.file={workdir / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                                 "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT)
+    server = PrometheusServer(port, proc, log)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-2000:]}", pytrace=False)
+        try:
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            pytest.fail(f"prometheus was not ready within 30 s:\n{log.read_text()[-2000:]}", pytrace=False)
+        time.sleep(0.05)

@@ -1,16 +1,44 @@
 """The training job's /metrics, scraped while a short run trains: every declared metric is
-exposed with its declared type and the counters move; dashboards use declared names only."""
+exposed with its declared type and the counters move; a real Prometheus scrapes the run and
+Ray's metrics agent, evaluates the alert rules and answers every dashboard query; dashboards
+and alerts use declared names only."""
 
+import json
+import re
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
+import pytest
+import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.driver import train
 from telemetry.metrics import METRICS, exposed
-from tests.conftest import free_port
+from tests.conftest import free_port, start_prometheus
 from tests.services.conftest import short_config
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REMOTE_REWARDS = ("reward_service", "reward_client")  # only runs with Redis reward services have these
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # actors' metrics reach Ray's agent every second (default 10 s), so a short run shows them
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield
+    ray.shutdown()
+
+
+def _ray_metrics_port() -> int:
+    return int(ray.nodes()[0]["MetricsExportPort"])
+
+
+def _dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in json.loads((DEPLOY / "grafana" / "fmrl-dashboard.json").read_text())["panels"]
+            for t in p["targets"]]
 
 
 def _scrape(port):
@@ -29,6 +57,20 @@ def _value(families, name, **labels):
 def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster, tmp_path, small_policy):
     port = free_port()
     cfg = short_config(tmp_path, small_policy, name="m", iterations=20, **{"metrics.port": port})
+    prom = start_prometheus(tmp_path / "prometheus", {"fmrl-training": [f"127.0.0.1:{port}"],
+                                                      "ray": [f"127.0.0.1:{_ray_metrics_port()}"]},
+                            rule_files=(DEPLOY / "prometheus-alerts.yml",))
+    try:
+        t0 = time.time()
+        first, second = _train_and_scrape(cfg, port)
+        t1 = time.time()
+        _check_scrapes(first, second)
+        _check_prometheus(prom, t0, t1)
+    finally:
+        prom.stop()
+
+
+def _train_and_scrape(cfg, port):
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("summary", train(cfg)), daemon=True)
     thread.start()
@@ -46,7 +88,10 @@ def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster,
         time.sleep(0.02)
     thread.join(240)
     assert "summary" in box and len(scrapes) == 2, (len(scrapes), box)
-    first, second = scrapes
+    return scrapes
+
+
+def _check_scrapes(first, second):
     training = [m for m in METRICS if m.scope == "training"]
     for m in training:
         family, kind = exposed(m)
@@ -66,6 +111,42 @@ def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster,
     assert build.labels["ray"] and build.labels["torch"]
 
 
+def _check_prometheus(prom, t0, t1):
+    """What Prometheus made of the run: every dashboard query has data (those of the Redis
+    reward services excepted: this run scores in its reward actor), every alert rule
+    evaluates, and what the actors recorded through Ray's metrics arrived."""
+    time.sleep(1.5)  # the last scrape and rule evaluation
+    for expr in _dashboard_exprs():
+        remote = all(m.scope in REMOTE_REWARDS for m in _metrics_in(expr))
+        result = prom.query_range(expr, t0, t1)
+        assert bool(result) != remote, f"{expr!r}: {len(result)} series"
+    rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+    assert {r["name"] for r in rules} >= {"FmrlDiversityCollapse", "FmrlPipelineStalled", "FmrlRolloutsDropped"}
+    for r in rules:
+        assert r["health"] == "ok" and not r.get("lastError"), r
+    firing = prom.api("alerts")["alerts"]
+    assert not [a for a in firing if a["state"] == "firing"], firing
+
+    def labels(expr, key):
+        return {s["metric"].get(key) for s in prom.query_range(expr, t0, t1)}
+
+    for m in METRICS:
+        if m.scope == "ray_actor":
+            sample = m.series + ("_count" if m.kind == "histogram" else "")
+            assert prom.query_range(sample, t0, t1), f"{m.series} never reached Prometheus"
+    assert labels("ray_fmrl_actor_busy_seconds_total", "role") == {"sampler", "learner", "reward"}
+    assert labels("ray_fmrl_learner_step_phase_seconds_count", "phase") == {"prepare", "forward_backward",
+                                                                             "optimizer"}
+    assert labels("ray_fmrl_reward_score_seconds_count", "reward") == {"digits_classifier"}
+    # two samplers, each its own series (Ray's WorkerId): the images they rolled out add up
+    # to no more than the driver counted (training + evaluation; Ray reports every second)
+    assert len(labels("ray_fmrl_sampler_rollout_images_total", "WorkerId")) == 2
+    ray_images = prom.api("query", query="sum(max_over_time(ray_fmrl_sampler_rollout_images_total[10m]))",
+                          time=t1)["result"]
+    driver_images = prom.api("query", query="sum(max_over_time(fmrl_rollout_images_total[10m]))", time=t1)["result"]
+    assert 0 < float(ray_images[0]["value"][1]) <= float(driver_images[0]["value"][1])
+
+
 def test_docs_define_every_declared_metric():
     from pathlib import Path
 
@@ -77,35 +158,36 @@ def test_docs_define_every_declared_metric():
 
 
 def _series_names():
-    """Every sample name a scrape of the declared metrics can show."""
-    out = set()
+    """Every sample name a scrape of the declared metrics can show, and its metric."""
+    out = {}
     for m in METRICS:
-        if m.kind == "histogram":
-            out |= {m.name + suffix for suffix in ("_bucket", "_sum", "_count")}
-        else:
-            out.add(m.name)
+        for suffix in ("_bucket", "_sum", "_count") if m.kind == "histogram" else ("",):
+            out[m.series + suffix] = m
     return out
 
 
-def test_dashboard_and_alerts_query_only_declared_metrics():
-    import json
-    import re
-    from pathlib import Path
+def _names_in(expr):
+    return set(re.findall(r"\b(?:ray_)?fmrl_[a-z0-9_]+", expr))
 
+
+def _metrics_in(expr):
+    series = _series_names()
+    return {series[n] for n in _names_in(expr)}
+
+
+def test_dashboard_and_alerts_query_only_declared_metrics():
     import yaml
 
-    deploy = Path(__file__).resolve().parents[2] / "deploy"
-    exprs = [t["expr"] for p in json.loads((deploy / "grafana" / "fmrl-dashboard.json").read_text())["panels"]
-             for t in p["targets"]]
-    prom = yaml.safe_load((deploy / "prometheus.yml").read_text())
-    rules = [r for f in prom["rule_files"] for g in yaml.safe_load((deploy / f).read_text())["groups"]
+    exprs = _dashboard_exprs()
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    rules = [r for f in prom["rule_files"] for g in yaml.safe_load((DEPLOY / f).read_text())["groups"]
              for r in g["rules"]]
     assert {r["alert"] for r in rules} >= {"FmrlDiversityCollapse", "FmrlPipelineStalled"}
     exprs += [r["expr"] for r in rules]
-    declared = _series_names()
+    declared = set(_series_names())
     used = set()
     for e in exprs:
-        names = set(re.findall(r"\bfmrl_[a-z0-9_]+", e))
+        names = _names_in(e)
         assert names, f"query names no fmrl metric: {e}"
         assert names <= declared, f"undeclared in {e!r}: {sorted(names - declared)}"
         used |= names
@@ -115,8 +197,6 @@ def test_dashboard_and_alerts_query_only_declared_metrics():
 
 
 def test_declarations_follow_prometheus_naming():
-    import re
-
     names = [m.name for m in METRICS]
     assert len(names) == len(set(names))
     for m in METRICS:
@@ -126,10 +206,12 @@ def test_declarations_follow_prometheus_naming():
         if m.kind == "histogram":
             assert list(m.buckets) == sorted(m.buckets)
         if m.unit == "seconds":
-            assert m.name.endswith("_seconds"), m.name
+            assert m.name.removesuffix("_total").endswith("_seconds"), m.name
         # no high-cardinality labels: never ids, prompts, versions or free text
         assert not set(m.labels) & {"id", "prompt", "version", "run", "request", "image", "step"}, m.name
         assert m.help.strip(), m.name
+        if m.scope == "ray_actor":  # Ray takes ASCII descriptions only
+            assert m.help.isascii(), m.name
 
 
 def test_reward_client_metrics_from_the_reward_actor_are_served_by_the_driver():
@@ -152,3 +234,52 @@ def test_reward_client_metrics_from_the_reward_actor_are_served_by_the_driver():
     assert _value(fams, "fmrl_reward_client_request_seconds_count", reward="clip") >= 2
     assert _value(fams, "fmrl_reward_client_request_seconds_bucket", reward="clip", le="0.25") >= 1
     assert _value(fams, "fmrl_reward_client_errors_total", reward="clip", kind="timeout") >= 1
+
+
+def _worker_samples(port, worker_id):
+    """The ray_fmrl_* samples Ray's agent serves for one worker: {(name, labels…): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith("ray_fmrl_") and s.labels.get("WorkerId") == worker_id:
+                extra = tuple(sorted((k, v) for k, v in s.labels.items() if k in ("role", "backend", "le")))
+                out[(s.name, *extra)] = s.value
+    return out
+
+
+def test_a_sampler_actor_records_its_work_through_rays_metrics(cluster, tmp_path, small_policy):
+    """Exact counts from one sampler actor: 3 rollouts of 2 prompts × 3 samples, one apply."""
+    from samplers.policy import published_state, state_checksum
+    from services.actors import SamplerWorker
+    from services.weight_sync import WirePayload
+    from services.world import build_sampler
+
+    cfg = short_config(tmp_path, small_policy)
+    actor = ray.remote(SamplerWorker).options(num_cpus=0.25).remote(cfg)
+    worker_id = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_worker_id()))
+    prompts = ["a handwritten zero", "a handwritten one"]
+    for i in range(3):
+        ray.get(actor.rollout.remote(prompts, 3, [i, i + 10])[1])
+    state = published_state(build_sampler(cfg).velocity)
+    assert ray.get(actor.apply_weights.remote(WirePayload.from_state(7, state, state_checksum(state))))[0] == 7
+    want = {("ray_fmrl_sampler_rollout_images_total",): 18.0, ("ray_fmrl_sampler_rollout_seconds_count",): 3.0,
+            ("ray_fmrl_sampler_weight_apply_seconds_count", ("backend", "object_store")): 1.0,
+            ("ray_fmrl_sampler_policy_version",): 7.0}
+    deadline = time.time() + 30
+    while time.time() < deadline:  # Ray's agent reports every second here
+        got = _worker_samples(_ray_metrics_port(), worker_id)
+        if all(got.get(k) == v for k, v in want.items()):
+            break
+        time.sleep(0.5)
+    assert all(got.get(k) == v for k, v in want.items()), (want, got)
+    # the busy counter is exact (the histogram sums are Ray's bucket midpoints): it holds the
+    # three rollouts and the apply, each of which lies inside its histogram bucket
+    busy = got[("ray_fmrl_actor_busy_seconds_total", ("role", "sampler"))]
+    buckets = sorted((float(k[1][1]), v) for k, v in got.items()
+                     if k[0] == "ray_fmrl_sampler_rollout_seconds_bucket" and k[1][1] != "+Inf")
+    first_full = next(le for le, count in buckets if count == 3)  # every rollout took at most this
+    assert 0 < busy
+    assert busy <= first_full * 3 + 60  # three rollouts at most first_full each, plus the apply (< 1 min)
+    ray.kill(actor)
