@@ -38,7 +38,7 @@ from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, evaluation_of
-from services.observe import RunMetrics
+from services.observe import RunMetrics, write_prometheus_targets
 from services.report import reward_curve, sample_grid, summary_table, write_report
 from services.world import check_policy_source
 
@@ -429,8 +429,9 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
         metrics.close()
         raise
     t0 = time.time()
-    actors = None
+    actors, targets = None, None
     try:
+        targets = write_prometheus_targets(cfg.run.out_dir, run_dir.name, cfg.metrics.host, metrics.port)
         actors = start_actors(cfg, f"fmrl-{run_dir.name}")
         pipe = Pipeline(actors, cfg)
         pipe.metrics = metrics
@@ -524,6 +525,8 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
         raise LearnerLost(f"{exc}\n{hint}") from None
     finally:
         metrics.close()
+        if targets is not None:
+            targets.unlink(missing_ok=True)
         if actors is not None and not started_ray:
             actors.shutdown()
         if started_ray:

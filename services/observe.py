@@ -4,11 +4,20 @@ Every name is declared in telemetry/metrics.py. The driver records what it sees 
 iteration (the learner's statistics, the pipeline's counters, its own timings) and serves
 them from its process with prometheus-client on ``metrics.host:metrics.port``
 (127.0.0.1 by default: put a reverse proxy or Prometheus on the same node in front of it).
+
+While it runs, a run also writes ``<out_dir>/prometheus/<run>.json``, a Prometheus
+file_sd target list naming its /metrics and (unless the Ray head's dashboard already writes
+its own discovery file) every Ray node's metrics agent, where the actors' ``ray_fmrl_*``
+metrics are served; deploy/prometheus.yml reads ``runs/prometheus/*.json``, so Prometheus
+finds each run, whatever port it took, and forgets it when the file is removed at its end.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -124,6 +133,45 @@ class RunMetrics:
         self.m["fmrl_eval_reward"].labels(when=when).set(ev.reward)
         self.m["fmrl_eval_diversity"].labels(when=when).set(ev.diversity)
         self.m["fmrl_rollout_images_total"].labels(purpose="eval").inc(ev.images.shape[0] * ev.images.shape[1])
+
+
+def _ray_discovery_file() -> Path | None:
+    """The Prometheus discovery file a Ray head with its dashboard writes, if this cluster has one."""
+    import ray
+    from ray._private import ray_constants, worker
+
+    node = worker._global_node  # noqa: SLF001 - where this driver's Ray keeps its files
+    dirs = [Path(node.get_session_dir_path()), Path(node.get_temp_dir_path())] if node is not None else []
+    found = [d / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE for d in dirs]
+    return next((f for f in found if f.is_file()), None) if ray.is_initialized() else None
+
+
+def prometheus_targets(run: str, metrics_host: str, metrics_port: int | None) -> list[dict[str, Any]]:
+    """The file_sd target groups of a run: its driver's /metrics (job fmrl-training) and, where
+    Ray publishes no discovery file of its own, each alive node's Ray metrics agent (job ray)."""
+    import ray
+
+    groups = []
+    if metrics_port is not None:
+        host = "127.0.0.1" if metrics_host in ("0.0.0.0", "::", "") else metrics_host
+        groups.append({"targets": [f"{host}:{metrics_port}"], "labels": {"job": "fmrl-training", "run": run}})
+    if ray.is_initialized() and _ray_discovery_file() is None:
+        here = ray.util.get_node_ip_address()
+        agents = sorted(f"{'127.0.0.1' if n['NodeManagerAddress'] == here else n['NodeManagerAddress']}:"
+                        f"{n['MetricsExportPort']}" for n in ray.nodes() if n["Alive"] and n.get("MetricsExportPort"))
+        if agents:
+            groups.append({"targets": agents, "labels": {"job": "ray", "run": run}})
+    return groups
+
+
+def write_prometheus_targets(out_dir: Path, run: str, metrics_host: str, metrics_port: int | None) -> Path:
+    """Write ``<out_dir>/prometheus/<run>.json`` atomically (Prometheus may read it any time)."""
+    path = Path(out_dir) / "prometheus" / f"{run}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(prometheus_targets(run, metrics_host, metrics_port), indent=1) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _versions() -> dict[str, str]:

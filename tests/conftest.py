@@ -167,10 +167,10 @@ class PrometheusServer:
                 self.proc.wait()
 
 
-def start_prometheus(workdir: Path, targets: dict[str, list[str]], rule_files: tuple[Path, ...] = (),
-                     interval: str = "1s") -> PrometheusServer:
-    """Start ``prometheus`` scraping ``targets`` (job → host:port list) every ``interval``,
-    evaluating ``rule_files``; returns once it reports ready."""
+def start_prometheus(workdir: Path, targets: dict[str, list[str]] | None = None, interval: str = "1s",
+                     config_file: Path | None = None) -> PrometheusServer:
+    """Start ``prometheus`` scraping ``targets`` (job → host:port list) every ``interval``, or
+    as ``config_file`` says; returns once it reports ready."""
     import json
     import urllib.request
 
@@ -179,15 +179,16 @@ def start_prometheus(workdir: Path, targets: dict[str, list[str]], rule_files: t
         pytest.fail("prometheus is not installed; `make test` installs it (apt-get install -y prometheus)",
                     pytrace=False)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
-              "rule_files": [str(f) for f in rule_files],
-              "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
-                                 for job, hosts in targets.items()]}
-    (workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    if config_file is None:
+        config_file = workdir / "prometheus.yml"
+        config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
+                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
+                                     for job, hosts in (targets or {}).items()]}
+        config_file.write_text(json.dumps(config))  # JSON is YAML
     port = free_port()
     log = workdir / "prometheus.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([exe, f"--config.file={workdir / 'prometheus.yml'}",
+        proc = subprocess.Popen([exe, f"--config.file={config_file}",
                                  f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
                                  "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT)
     server = PrometheusServer(port, proc, log)
