@@ -325,6 +325,9 @@ class MetricsConfig(_Strict):
                              "(0: any free port, printed at start; null: none). Names: docs/metrics.md.")
     host: str = Field("127.0.0.1", description="Address the metrics server binds to (0.0.0.0 exposes it "
                       "to the network: only behind a firewall or proxy).")
+    final_scrape_timeout_s: float = Field(30.0, ge=0, description="When the run ends and something has been "
+                                          "scraping its metrics, wait up to this long for one more scrape, so "
+                                          "Prometheus has the final figures (the 'after' evaluation); 0: never wait.")
 
 
 class EvalConfig(_Strict):

@@ -516,6 +516,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             "pipeline": pipe.totals},
             cfg.eval.grid_columns,
             probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
+        metrics.wait_for_scrape(cfg.metrics.final_scrape_timeout_s)
         print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
         return summary
     except LearnerLost as exc:

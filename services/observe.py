@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,23 @@ class _Mirror:
         return iter(self.families)
 
 
+class _Scrapes:
+    """Counts the scrapes of a registry (it is collected once per scrape)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def describe(self):  # noqa: ANN201 - no metrics of its own
+        return iter(())
+
+    def collect(self):  # noqa: ANN201
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+        return iter(())
+
+
 class RunMetrics:
     """The training metrics of one run, and (when a port is given) their HTTP server."""
 
@@ -46,6 +64,8 @@ class RunMetrics:
         self._resyncs = 0
         self._clients = _Mirror()
         self.registry.register(self._clients)
+        self._scrapes = _Scrapes()
+        self.registry.register(self._scrapes)
         self._diversity0: float | None = None
         if port is not None:
             try:
@@ -55,6 +75,18 @@ class RunMetrics:
                               "program holds the port; set metrics.port to a free one (or null to serve none)") from None
         self.port = self._server.server_port if self._server is not None else None
         self.m["fmrl_build_info"].info(_versions())
+
+    def wait_for_scrape(self, timeout_s: float) -> bool:
+        """If anything has scraped this run, wait (at most ``timeout_s``) for one more scrape, so
+        it has the final values; True if one came. Runs nobody scrapes end at once."""
+        if self._server is None or timeout_s <= 0:
+            return False
+        with self._scrapes.changed:
+            seen = self._scrapes.count
+            if seen == 0:
+                return False
+            print(f"waiting up to {timeout_s:g} s for the metrics' last scrape (metrics.final_scrape_timeout_s)")
+            return self._scrapes.changed.wait_for(lambda: self._scrapes.count > seen, timeout_s)
 
     def close(self) -> None:
         if self._server is not None:

@@ -125,6 +125,10 @@ def _check_scrapes(first, second):
     assert build.labels["ray"] and build.labels["torch"]
 
 
+def labels_of(prom, expr, t0, t1, key):
+    return {s["metric"].get(key) for s in prom.query_range(expr, t0, t1)}
+
+
 def _check_prometheus(prom, t0, t1, run_images):
     """What Prometheus made of the run: every dashboard query has data (those of the Redis
     reward services excepted: this run scores in its reward actor), every alert rule
@@ -132,7 +136,8 @@ def _check_prometheus(prom, t0, t1, run_images):
     time.sleep(1.5)  # the last scrape and rule evaluation
     for expr in _dashboard_exprs():
         remote = all(m.scope in REMOTE_REWARDS for m in _metrics_in(expr))
-        result = prom.query_range(expr, t0, t1)
+        # what Grafana makes of $__rate_interval at 1 s scrapes and steps: max(step + 1 s, 4 × 1 s)
+        result = prom.query_range(expr.replace("$__rate_interval", "4s"), t0, t1)
         assert bool(result) != remote, f"{expr!r}: {len(result)} series"
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     assert {r["name"] for r in rules} >= {"FmrlDiversityCollapse", "FmrlPipelineStalled", "FmrlRolloutsDropped"}
@@ -141,8 +146,11 @@ def _check_prometheus(prom, t0, t1, run_images):
     firing = prom.api("alerts")["alerts"]
     assert not [a for a in firing if a["state"] == "firing"], firing
 
+    # the driver waited for a last scrape: Prometheus has the final evaluation
+    assert labels_of(prom, 'fmrl_eval_reward{when="after"}', t0, t1, "when") == {"after"}
+
     def labels(expr, key):
-        return {s["metric"].get(key) for s in prom.query_range(expr, t0, t1)}
+        return labels_of(prom, expr, t0, t1, key)
 
     assert labels('up{run="m"} == 1', "job") == {"fmrl-training", "ray"}  # both found through the run's file
 
@@ -297,3 +305,20 @@ def test_a_sampler_actor_records_its_work_through_rays_metrics(cluster, tmp_path
     assert 0 < busy
     assert busy <= first_full * 3 + 60  # three rollouts at most first_full each, plus the apply (< 1 min)
     ray.kill(actor)
+
+
+def test_the_run_waits_for_a_last_scrape_only_when_something_scrapes_it():
+    from services.observe import RunMetrics
+
+    run = RunMetrics(0)
+    try:
+        assert run.wait_for_scrape(30) is False  # nobody has scraped: no wait at all
+        _scrape(run.port)
+        assert run.wait_for_scrape(0.2) is False  # scraped before, but no scrape came in time
+        timer = threading.Timer(0.3, _scrape, args=(run.port,))
+        timer.start()
+        assert run.wait_for_scrape(30) is True  # the next scrape ends the wait
+        timer.join()
+        assert run.wait_for_scrape(0) is False  # 0: never wait
+    finally:
+        run.close()
