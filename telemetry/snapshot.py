@@ -114,7 +114,8 @@ def render_dashboard(prometheus_url: str, start: float, end: float, out: str | P
             expr = expr.replace("${__rate_interval}", rate_interval).replace("$__rate_interval", rate_interval)
             for series in query_range(prometheus_url, expr, start, end, step):
                 t, v = _line(series["values"], start, step)
-                ax.plot(t, v, lw=1.4, color=COLORS[n % len(COLORS)],
+                # a value seen in one or two steps (a run's final evaluation) is a point, not a line
+                ax.plot(t, v, lw=1.4, color=COLORS[n % len(COLORS)], marker="o" if len(series["values"]) <= 2 else None,
                         label=legend(series["metric"], target.get("legendFormat"), expr))
                 n += 1
         counts[title] = counts.get(title, 0) + n
