@@ -111,6 +111,9 @@ class RewardService:
         self._images = metrics.SERVICE_IMAGES.labels(name)
         self._seconds = metrics.SERVICE_REQUEST_SECONDS.labels(name)
         self._reclaimed = metrics.SERVICE_RECLAIMED.labels(name)
+        self._depth = metrics.SERVICE_QUEUE_DEPTH.labels(name)
+        self._pending = metrics.SERVICE_PENDING.labels(name)
+        self._next_queue_sample = 0.0
 
     # ------------------------------------------------------------------ the loop
 
@@ -155,6 +158,9 @@ class RewardService:
         Returns the number of entries handled. The batch in hand is always finished."""
         handled = 0
         now = time.monotonic()
+        if now >= self._next_queue_sample:
+            self._next_queue_sample = now + 1.0
+            self.sample_queue()
         if now >= self._next_claim:
             self._next_claim = now + min(self.config.claim_idle_s / 2, 5.0)
             handled += self._handle_all(self._reclaim())
@@ -165,6 +171,19 @@ class RewardService:
                                      block=self.config.block_ms)
         entries = [(eid, fields, 1) for _, batch in (resp or []) for eid, fields in batch]
         return handled + self._handle_all(entries)
+
+    def sample_queue(self) -> tuple[int | None, int]:
+        """Set the queue gauges from XINFO GROUPS: (entries not yet delivered — None where Redis
+        cannot tell, before 7.0 or after deletions —, entries delivered and not acknowledged)."""
+        group = next((g for g in self.redis.xinfo_groups(self.layout.requests)
+                      if g["name"] in (self.layout.group, self.layout.group.encode())), None)
+        if group is None:
+            return None, 0
+        lag, pending = group.get("lag"), int(group["pending"])
+        if lag is not None:
+            self._depth.set(int(lag))
+        self._pending.set(pending)
+        return (None if lag is None else int(lag)), pending
 
     def _handle_all(self, entries: list[tuple[bytes, dict, int]]) -> int:
         for entry_id, fields, deliveries in entries:

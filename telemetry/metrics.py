@@ -121,6 +121,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("fmrl_reward_service_reclaimed_total", "counter", "entries",
            "Stream entries reclaimed (XAUTOCLAIM) from a consumer idle past the claim timeout.", ("reward",),
            scope="reward_service"),
+    Metric("fmrl_reward_service_queue_depth", "gauge", "entries", "Requests in the reward's stream not yet "
+           "delivered to any service of its group (Redis's consumer-group lag), sampled at most once a second.",
+           ("reward",), scope="reward_service"),
+    Metric("fmrl_reward_service_pending_entries", "gauge", "entries", "Requests delivered to a service and not "
+           "yet acknowledged (the group's pending entries list: in hand, or held by a dead service until "
+           "reclaimed).", ("reward",), scope="reward_service"),
     # ---- the reward client (in the training job's reward actor) ------------------------------
     Metric("fmrl_reward_client_request_seconds", "histogram", "seconds",
            "Time from first submitting a request to consuming its result.", ("reward",), LATENCY_BUCKETS,

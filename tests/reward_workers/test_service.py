@@ -454,3 +454,19 @@ def test_tls_rediss_url(redis_factory, reward_model, digits, tmp_path):
     # the server really speaks TLS: without our CA the certificate is not trusted
     with pytest.raises(RedisUnreachable, match="certificate verify failed"):
         connect(f"rediss://127.0.0.1:{tls_port}/0")
+
+
+def test_the_service_reports_its_queue_depth_and_pending_entries(redis_url, reward_model):
+    r = redis.Redis.from_url(redis_url)
+    service = RewardService(reward_model, connect(redis_url), ServiceConfig(reward=REWARD, consumer="q"))
+    service.ensure_group()
+    for i in range(5):
+        r.xadd(LAYOUT.requests, {"probe": str(i)})
+    assert service.sample_queue() == (5, 0)
+    r.xreadgroup(LAYOUT.group, "holder", {LAYOUT.requests: ">"}, count=2)  # delivered, never acked
+    assert service.sample_queue() == (3, 2)
+    assert sample("fmrl_reward_service_queue_depth", {"reward": REWARD}) == 3
+    assert sample("fmrl_reward_service_pending_entries", {"reward": REWARD}) == 2
+    r.xack(LAYOUT.requests, LAYOUT.group, *[eid for _, entries in r.xreadgroup(
+        LAYOUT.group, "holder", {LAYOUT.requests: "0"}) for eid, _ in entries])
+    assert service.sample_queue() == (3, 0)
