@@ -22,25 +22,29 @@ def free_port() -> int:
 
 
 @dataclass
-class RedisServer:
-    """A redis-server this test session started; ``url`` reaches it (plain TCP)."""
+class LocalServer:
+    """A server process a test started on 127.0.0.1; ``stop`` sends SIGTERM, then SIGKILL."""
 
     port: int
     proc: subprocess.Popen
     log: Path
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class RedisServer(LocalServer):
+    """A redis-server this test session started; ``url`` reaches it (plain TCP)."""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
 
 def start_redis(workdir: Path, *args: str, port: int | None = None,
@@ -120,13 +124,8 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@dataclass
-class PrometheusServer:
+class PrometheusServer(LocalServer):
     """A real ``prometheus`` this test started (127.0.0.1, a free port, storage in a tmp dir)."""
-
-    port: int
-    proc: subprocess.Popen
-    log: Path
 
     @property
     def url(self) -> str:
@@ -157,14 +156,6 @@ class PrometheusServer:
                             pytrace=False)
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def start_prometheus(workdir: Path, targets: dict[str, list[str]] | None = None, interval: str = "1s",
