@@ -169,13 +169,15 @@ class RunMetrics:
 
 def _ray_discovery_file() -> Path | None:
     """The Prometheus discovery file a Ray head with its dashboard writes, if this cluster has one."""
-    import ray
     from ray._private import ray_constants, worker
 
-    node = worker._global_node  # noqa: SLF001 - where this driver's Ray keeps its files
-    dirs = [Path(node.get_session_dir_path()), Path(node.get_temp_dir_path())] if node is not None else []
-    found = [d / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE for d in dirs]
-    return next((f for f in found if f.is_file()), None) if ray.is_initialized() else None
+    try:  # Ray's private layout: where this driver's node keeps its session files
+        node = worker._global_node  # noqa: SLF001
+        dirs = [Path(node.get_session_dir_path()), Path(node.get_temp_dir_path())]
+        name = ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
+    except AttributeError:  # not connected, or another Ray: assume none (the run lists the agents)
+        return None
+    return next((d / name for d in dirs if (d / name).is_file()), None)
 
 
 def prometheus_targets(run: str, metrics_host: str, metrics_port: int | None) -> list[dict[str, Any]]:
