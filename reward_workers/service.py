@@ -135,9 +135,10 @@ class RewardService:
                 self.step()
                 backoff = 0.1
             except redis.ResponseError as e:
-                if "NOGROUP" not in str(e):
+                # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted under a blocked read
+                if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                     raise
-                log.warning("consumer group %s vanished (Redis restarted?); recreating it",
+                log.warning("consumer group %s vanished (Redis restarted or lost its data?); recreating it",
                             self.layout.group)
                 self._retry_later(self.ensure_group)
             except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -175,8 +176,11 @@ class RewardService:
     def sample_queue(self) -> tuple[int | None, int]:
         """Set the queue gauges from XINFO GROUPS: (entries not yet delivered — None where Redis
         cannot tell, before 7.0 or after deletions —, entries delivered and not acknowledged)."""
-        group = next((g for g in self.redis.xinfo_groups(self.layout.requests)
-                      if g["name"] in (self.layout.group, self.layout.group.encode())), None)
+        try:
+            groups = self.redis.xinfo_groups(self.layout.requests)
+        except redis.ResponseError:  # no stream (Redis lost its data): reading recreates it and the group
+            return None, 0
+        group = next((g for g in groups if g["name"] in (self.layout.group, self.layout.group.encode())), None)
         if group is None:
             return None, 0
         lag, pending = group.get("lag"), int(group["pending"])

@@ -71,18 +71,19 @@ class RewardStage:
         self.components = [(c, build_component(c)) for c in cfg.components]
         self.remote = any(c.transport == "redis" for c in cfg.components)  # has Redis clients
         self._pool = ThreadPoolExecutor(max_workers=len(self.components), thread_name_prefix="reward")
+        self.seconds: dict[str, float] = {}  # each component's time on the last batch
 
     def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
         """``scores`` (B,) the weighted sum; ``<name>`` each component's (B,) scores,
         ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch."""
-        def timed(comp: tuple) -> dict:
+        def timed(comp: tuple) -> Any:  # noqa: ANN401 - a component's output
             t0 = time.perf_counter()
             try:
                 return comp[1](images, prompts)
             finally:
                 self.seconds[comp[0].label] = time.perf_counter() - t0
 
-        self.seconds: dict[str, float] = {}  # each component's time on the last batch
+        self.seconds.clear()
         outs = list(self._pool.map(timed, self.components))
         out = combine([(c.label, c.weight, o) for (c, _), o in zip(self.components, outs, strict=True)], len(prompts))
         return {"scores": out.scores, **out.details}

@@ -470,3 +470,20 @@ def test_the_service_reports_its_queue_depth_and_pending_entries(redis_url, rewa
     r.xack(LAYOUT.requests, LAYOUT.group, *[eid for _, entries in r.xreadgroup(
         LAYOUT.group, "holder", {LAYOUT.requests: "0"}) for eid, _ in entries])
     assert service.sample_queue() == (3, 0)
+    r.delete(LAYOUT.requests)  # Redis lost its data: nothing to report, and the service goes on
+    assert service.sample_queue() == (None, 0)
+
+
+def test_a_service_whose_stream_and_group_vanish_recreates_them_and_serves_on(redis_url, reward_model, digits):
+    """Redis lost its data (a restart without persistence): the service recreates its stream and
+    group, its queue sampling copes, and the next request is scored as in-process."""
+    images, prompts = digits[0][:6], digits[1][:6]
+    r = redis.Redis.from_url(redis_url)
+    with serving(redis_url, reward_model) as service:
+        client = RewardClient(redis_url, REWARD, timeout_s=30)
+        assert_same_scores(client.score(images, prompts), reward_model, images, prompts)
+        r.flushdb()
+        service._next_queue_sample = 0.0  # sample the (missing) queue in the next cycle
+        assert_same_scores(client.score(images, prompts), reward_model, images, prompts)
+        assert r.exists(LAYOUT.requests) and service.sample_queue() == (0, 0)
+        client.close()
