@@ -322,3 +322,50 @@ def test_the_run_waits_for_a_last_scrape_only_when_something_scrapes_it():
         assert run.wait_for_scrape(0) is False  # 0: never wait
     finally:
         run.close()
+
+
+def test_the_reward_service_panels_answer_from_a_live_service(redis_url, tmp_path):
+    """The dashboard's Redis panels (which the training-run test expects empty) against a real
+    Prometheus scraping a reward service and its client: each of their queries has data."""
+    from prometheus_client import start_http_server
+
+    from reward_workers.client import RewardClient, connect
+    from reward_workers.digits import DIGIT_WORDS, DigitsClassifierReward, load_split
+    from reward_workers.service import RewardService, ServiceConfig
+
+    split = load_split()
+    images = split.heldout_images[:8, ..., None]
+    prompts = [f"a handwritten {DIGIT_WORDS[y]}" for y in split.heldout_labels[:8]]
+    # service and client share this process's default registry, as a service's --metrics-port does
+    port = free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1")
+    service = RewardService(DigitsClassifierReward(), connect(redis_url),
+                            ServiceConfig(reward="digits_classifier", block_ms=100, consumer="panel"))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    prom = start_prometheus(tmp_path / "prometheus", {"fmrl-reward-services": [f"127.0.0.1:{port}"]})
+    try:
+        prom.wait_scraped()
+        t0 = time.time()
+        with RewardClient(redis_url, "digits_classifier", max_images_per_request=2, timeout_s=30) as client:
+            while time.time() < t0 + 6:  # requests across several scrapes
+                client.score(images, prompts)
+                time.sleep(0.2)
+        time.sleep(1.5)
+        t1 = time.time()
+        remote = [e for e in _dashboard_exprs() if all(m.scope in REMOTE_REWARDS for m in _metrics_in(e))]
+        assert len(remote) == 6, remote
+        for expr in remote:
+            result = prom.query_range(expr.replace("$__rate_interval", "4s"), t0, t1)
+            assert result, expr
+            peak = max(float(v) for s in result for _, v in s["values"])
+            if "requests_total" in expr or "request_seconds" in expr:
+                assert peak > 0, expr  # requests flowed and took time
+            elif "errors_total" in expr:
+                assert peak == 0, expr  # and none failed
+    finally:
+        prom.stop()
+        service.stop_event.set()
+        thread.join(10)
+        server.shutdown()
+        server.server_close()
