@@ -146,8 +146,10 @@ def _check_prometheus(prom, t0, t1, run_images):
     firing = prom.api("alerts")["alerts"]
     assert not [a for a in firing if a["state"] == "firing"], firing
 
-    # the driver waited for a last scrape: Prometheus has the final evaluation
-    assert labels_of(prom, 'fmrl_eval_reward{when="after"}', t0, t1, "when") == {"after"}
+    # the driver waited for a last scrape: Prometheus has the final evaluation (it came in the
+    # run's last second, and the series went stale with the server: read its last sample)
+    after = prom.api("query", query='last_over_time(fmrl_eval_reward{when="after"}[5m])', time=time.time())
+    assert [r["metric"]["when"] for r in after["result"]] == ["after"], after
 
     def labels(expr, key):
         return labels_of(prom, expr, t0, t1, key)
@@ -358,7 +360,8 @@ def test_the_reward_service_panels_answer_from_a_live_service(redis_url, tmp_pat
         for expr in remote:
             result = prom.query_range(expr.replace("$__rate_interval", "4s"), t0, t1)
             assert result, expr
-            peak = max(float(v) for s in result for _, v in s["values"])
+            # (a p95 is NaN at steps whose window saw no request)
+            peak = max((float(v) for s in result for _, v in s["values"] if v != "NaN"), default=0.0)
             if "requests_total" in expr or "request_seconds" in expr:
                 assert peak > 0, expr  # requests flowed and took time
             elif "errors_total" in expr:
