@@ -423,19 +423,16 @@ class Bench:
                 free_memory(self.device)
 
     def learner(self, tr: torch.nn.Module, batches: list[int]) -> None:
-        from peft import LoraConfig
-
         from samplers.flow import interpolate, sample_training_times, velocity_target
-        from samplers.policy import SD3Velocity
+        from samplers.policy import SD3Velocity, add_lora
 
         a = self.args
-        tr.add_adapter(LoraConfig(r=a.lora_rank, lora_alpha=a.lora_rank, target_modules=a.lora_targets,
-                                  init_lora_weights=True))
+        # the learner's own LoRA: float32 adapters on the bf16 base, as training runs them
+        velocity = add_lora(SD3Velocity(tr), a.lora_rank, a.lora_rank, a.lora_targets)
         params = [p for p in tr.parameters() if p.requires_grad]
         print(f"LoRA r={a.lora_rank} on {a.lora_targets}: {sum(p.numel() for p in params):,} "
               f"trainable parameters, dtype {sorted({str(p.dtype) for p in params})}", flush=True)
         tr.train()
-        velocity = SD3Velocity(tr)
         opt = torch.optim.AdamW(params, lr=1e-4)
         per_sample = self.flops["train"]
         for b in batches:
@@ -545,16 +542,15 @@ def flop_text(full: dict[str, float], cfg: float, steps: int) -> str:
             f"full training: the frozen base needs no weight gradients). At a dense bf16 peak of 989 TFLOP/s (H100 SXM, H200) "
             f"that bounds the sampler at {989e12 / per_image:.1f} images/s and the learner at "
             f"{989e12 / full['train']:.0f} samples/s; at the ~790 TFLOP/s an 8192³ bf16 matmul reaches on "
-            f"the lent H100/H200 (docs of the device tool), {790e12 / per_image:.1f} images/s and "
+            f"an H100/H200 (a figure given for the machines this project may be lent, not measured here), {790e12 / per_image:.1f} images/s and "
             f"{790e12 / full['train']:.0f} samples/s.")
 
 
-WHEELS = ("the device image has torch, peft and transformers but not diffusers (nor ray or pydantic, which "
+WHEELS = ("where the image has torch, peft and transformers but not diffusers (nor ray or pydantic, which "
           "this script does not need): `pip download --no-deps --only-binary=:all: --python-version 3.12 "
-          "--platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata` here, carry `.whl`, "
+          "--platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata` on a connected machine, carry `.whl`, "
           "and there `python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl; "
-          "export PYTHONPATH=/tmp/site` before `python3 benchmarks/gpu_rollout.py --write-docs` "
-          "(/work/.library/device/README.md)")
+          "export PYTHONPATH=/tmp/site` before `python3 benchmarks/gpu_rollout.py --write-docs`")
 
 
 def docs_text(args: argparse.Namespace, rows: list[dict[str, Any]], device: torch.device,
@@ -577,7 +573,7 @@ def docs_text(args: argparse.Namespace, rows: list[dict[str, Any]], device: torc
         return head
     return (
         "**No GPU was lent to this task yet, so this section has no GPU figures.** On a CUDA machine "
-        "`.venv/bin/python benchmarks/gpu_rollout.py --write-docs` produces them (on the lent device machine: "
+        "`.venv/bin/python benchmarks/gpu_rollout.py --write-docs` produces them (on an offline machine "
         f"{WHEELS}; add `--compile --parts ablation --results FILE` for the torch.compile rows). It will report, "
         "for batch 1, 2, 4, 8, 16, 32 on an SD3.5-medium-sized transformer (random weights, bf16, 512 px, "
         f"10 steps, shift 3, CFG 4.5): images/s, peak memory and MFU of the project's sampler "

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import ray
-from common import machine, write_section
+from common import ROOT, machine, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
 
 

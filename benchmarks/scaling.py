@@ -1,10 +1,11 @@
 """A scaling estimate to 8, 64 and 512 GPUs from stage costs, with its assumptions stated.
 
 Not a measurement: a model of one iteration, fed with the driver overhead measured by
-benchmarks/pipeline.py (docs/pipeline.json) and with per-sample GPU costs derived from
-FLOP counts of an SD3.5-medium-sized transformer at an assumed model FLOP utilisation
-(no GPU was lent to measure them; benchmarks/gpu_rollout.py, issue 6, will). Every
-assumption is a named constant below and is printed into docs/performance.md.
+benchmarks/pipeline.py (docs/pipeline.json) and with per-sample GPU costs from FLOPs
+counted on an SD3.5-medium-sized transformer (benchmarks/gpu_rollout.count_flops, with
+configs/sd3_medium.yaml's LoRA) at an assumed model FLOP utilisation (no GPU was lent to
+measure them; benchmarks/gpu_rollout.py will). Every assumption is a named constant below
+and is printed into docs/performance.md.
 
 Model of one iteration (weak scaling: every inference GPU rolls out SAMPLES_PER_GPU):
     rollout   = SAMPLES_PER_GPU × t_rollout                       (all inference GPUs at once)
@@ -22,22 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
-from common import write_section
+import yaml
+from common import ROOT, write_section
+from gpu_rollout import FULL_SHAPE, SD35_MEDIUM, count_flops
 
-ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 
 # ---- assumptions ------------------------------------------------------------------------
-PARAMS = 2.24e9            # SD3.5-medium MMDiT-X transformer parameters
-LAYERS, WIDTH = 24, 1536   # its joint blocks and hidden size
-TOKENS = 1024 + 333        # 512 px: 64×64 latents in 2×2 patches, plus 77 CLIP + 256 T5 text tokens
 STEPS = 10                 # Euler steps per rollout
 CFG = 2                    # classifier-free guidance doubles the rollout batch
 PEAK = 989e12              # H100 SXM dense bf16 FLOP/s
 MFU_ROLLOUT, MFU_LEARN = 0.40, 0.35
-LORA_PARAMS = 18.9e6       # rank 32 on q, k, v, out of both streams in 24 blocks: 24·2·4·2·1536·32
 SAMPLES_PER_GPU = 64       # rollouts per inference GPU per iteration
 T_REWARD = 0.010           # s per image on one GPU for a CLIP-L/14-sized scorer (≈ 80 GFLOP/image at ~1% of peak incl. preprocessing)
 NCCL_BW = 25e9             # B/s of a broadcast over InfiniBand/NVLink between nodes
@@ -45,16 +42,20 @@ ALLREDUCE_SHARE = 0.05     # data-parallel learner: gradient all-reduce of LoRA 
 CALLS_PER_SAMPLER = 3      # rollout (+ its metadata read) and one weights apply per iteration
 
 
-def per_sample() -> tuple[float, float]:
-    """Seconds per image on one GPU: rollout (10 steps with CFG) and one learner sample
-    (LoRA: policy forward + activation backward ≈ 2 forwards, plus the W2 term's reference forward)."""
-    forward = 2 * PARAMS * TOKENS + 4 * LAYERS * WIDTH * TOKENS**2
-    return STEPS * CFG * forward / (PEAK * MFU_ROLLOUT), 3 * forward / (PEAK * MFU_LEARN)
+def counted() -> dict[str, float]:
+    """The counted FLOPs and parameters at 512 px with configs/sd3_medium.yaml's LoRA."""
+    lora = yaml.safe_load((ROOT / "configs" / "sd3_medium.yaml").read_text())["policy"]["lora"]
+    return count_flops(SD35_MEDIUM, FULL_SHAPE, lora["rank"], lora["target_modules"]) | {"rank": lora["rank"]}
+
+
+def per_sample(c: dict[str, float]) -> tuple[float, float]:
+    """Seconds per image on one GPU: rollout (STEPS forwards with CFG) and one learner sample
+    (the LoRA forward + backward, plus the W2 term's reference forward)."""
+    return STEPS * CFG * c["fwd"] / (PEAK * MFU_ROLLOUT), (c["train"] + c["fwd"]) / (PEAK * MFU_LEARN)
 
 
 def iteration(g: int, g_train: int, g_reward: float, lag: int, payload: float, call_s: float,
-              data_parallel: bool) -> dict[str, float]:
-    t_roll, t_learn = per_sample()
+              data_parallel: bool, t_roll: float, t_learn: float) -> dict[str, float]:
     g_inf = g - g_train
     b = g_inf * SAMPLES_PER_GPU
     learners = g_train if data_parallel else 1
@@ -74,8 +75,9 @@ def main() -> None:
     args = ap.parse_args()
     measured = json.loads((ROOT / "docs" / "pipeline.json").read_text())
     call_s = statistics.median(r["empty_call_s"] for r in measured)
-    t_roll, t_learn = per_sample()
-    lora, full = 2 * LORA_PARAMS, 2 * PARAMS  # bf16 bytes
+    c = counted()
+    t_roll, t_learn = per_sample(c)
+    lora, full = 2 * c["lora_params"], 2 * c["params"]  # bf16 bytes
     lines = ["| GPUs | design | inference / training GPUs | batch | rollout | reward | learn | sync | driver "
              "| iteration (lag 0 / lag 1) | images/s (lag 1) | share of inference GPUs busy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -86,8 +88,8 @@ def main() -> None:
         ratio = t_roll / t_learn  # inference GPUs one training GPU keeps up with
         g_train = max(1, round(g / (1 + ratio)))
         for design, gt, gr, dp in (("as built", 1, 1.0, False), ("data-parallel learner", g_train, max(1, g / 16), True)):
-            r0 = iteration(g, gt, gr, 0, lora, call_s, dp)
-            r1 = iteration(g, gt, gr, 1, lora, call_s, dp)
+            r0 = iteration(g, gt, gr, 0, lora, call_s, dp, t_roll, t_learn)
+            r1 = iteration(g, gt, gr, 1, lora, call_s, dp, t_roll, t_learn)
             rows[g, dp] = r1
             lines.append(
                 f"| {g} | {design} | {int(r1['g_inf'])} / {gt} | {int(r1['batch'])} | {r1['rollout']:.1f} s "
@@ -97,15 +99,17 @@ def main() -> None:
     text = (
         "An estimate, not a measurement (`.venv/bin/python benchmarks/scaling.py`; model and constants in "
         "the script). Inputs: the driver's per-call overhead measured by benchmarks/pipeline.py "
-        f"({call_s * 1e3:.2f} ms on this machine); per-image GPU costs from FLOP counts of an "
-        f"SD3.5-medium-sized transformer ({PARAMS / 1e9:.2f} B parameters, {TOKENS} tokens at 512 px): "
-        f"a rollout of {STEPS} steps with CFG is {t_roll:.2f} s at {MFU_ROLLOUT:.0%} MFU of an H100's "
-        f"{PEAK / 1e12:.0f} TFLOP/s, one learner sample (LoRA forward + backward + the W2 reference forward) "
-        f"{t_learn * 1e3:.0f} ms at {MFU_LEARN:.0%}; {SAMPLES_PER_GPU} rollouts per inference GPU per "
-        f"iteration; LoRA r32 weights ({lora / 1e6:.0f} MB bf16; full weights would be {full / 1e9:.1f} GB, "
+        f"({call_s * 1e3:.2f} ms on this machine); per-image GPU costs from FLOPs counted on an "
+        f"SD3.5-medium-sized transformer ({c['params'] / 1e9:.2f} B parameters, {c['tokens']} tokens at 512 px; "
+        f"one forward {c['fwd'] / 1e12:.3f} TFLOP, one LoRA forward + backward {c['train'] / 1e12:.3f} TFLOP "
+        f"with configs/sd3_medium.yaml's adapter): a rollout of {STEPS} steps with CFG is {t_roll:.3f} s at "
+        f"{MFU_ROLLOUT:.0%} MFU of an H100's {PEAK / 1e12:.0f} TFLOP/s, one learner sample (LoRA forward + "
+        f"backward + the W2 reference forward) {t_learn * 1e3:.0f} ms at {MFU_LEARN:.0%}; {SAMPLES_PER_GPU} "
+        f"rollouts per inference GPU per iteration; LoRA r{c['rank']} weights ({c['lora_params'] / 1e6:.1f} M, "
+        f"{lora / 1e6:.0f} MB bf16; full weights would be {full / 1e9:.1f} GB, "
         f"{full / NCCL_BW:.2f} s) broadcast at {NCCL_BW / 1e9:.0f} GB/s; a CLIP-sized reward at "
         f"{T_REWARD * 1e3:.0f} ms per image per GPU.\n\n" + "\n".join(lines) + "\n\n"
-        f"What it says: one inference GPU produces an image every {t_roll:.2f} s and one training GPU "
+        f"What it says: one inference GPU produces an image every {t_roll:.3f} s and one training GPU "
         f"consumes one every {t_learn * 1e3:.0f} ms, so a single learner GPU keeps up with about "
         f"{t_roll / t_learn:.0f} inference GPUs. As built (one learner actor, one reward actor) the runtime "
         f"keeps {rows[8, False]['images_per_s'] / rows[8, False]['ideal_images_per_s']:.0%} of 7 inference GPUs "

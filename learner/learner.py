@@ -145,8 +145,8 @@ class Learner:
     def refresh_rollout(self) -> None:
         """Make the rollout policy the next published version (π_old ← π_θ when copying;
         with an EMA rollout policy its current average is published)."""
-        if self.settings.rollout_update == "copy":
-            self.rollout.load_state_dict(self.policy.state_dict())
+        if self.settings.rollout_update == "copy":  # what can differ: an adapted policy's base is frozen
+            self.rollout.load_state_dict(published_state(self.policy), strict=False)
         self.version = self.step
 
     def publish(self, current: bool = False) -> WeightsPayload:
@@ -180,7 +180,8 @@ class Learner:
         return cached
 
     def save(self, directory: Path | str) -> Path:
-        """policy.safetensors (loadable by ``fmrl sample``), rollout.safetensors and
+        """policy.safetensors (a full policy's is loadable by ``fmrl sample``; an adapted one
+        keeps only its adapter, the base stays in the pipeline directory), rollout.safetensors and
         optimizer.safetensors: everything ``load`` needs to continue bitwise identically."""
         from safetensors.torch import save_file
 

@@ -30,9 +30,11 @@ class PretrainSettings:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """target ← decay·target + (1 − decay)·source, parameter by parameter."""
+    """target ← decay·target + (1 − decay)·source, parameter by parameter (the trainable ones:
+    a frozen parameter, such as an adapted policy's base, is the same in both)."""
     for pt, ps in zip(target.parameters(), source.parameters(), strict=True):
-        pt.lerp_(ps, 1.0 - decay)
+        if ps.requires_grad:
+            pt.lerp_(ps, 1.0 - decay)
 
 
 def pretrain_flow_matching(

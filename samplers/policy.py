@@ -86,8 +86,8 @@ def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str]
     tmp.replace(path)
 
 
-def load_velocity(path: Path | str) -> SD3Velocity:
-    """Rebuild an ``SD3Velocity`` from a file written by ``save_velocity``."""
+def _read_policy_file(path: Path | str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a file written by ``save_velocity``; clear errors for anything else."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -102,6 +102,12 @@ def load_velocity(path: Path | str) -> SD3Velocity:
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
     if "transformer_config" not in meta:
         raise ValueError(f"{path} has no transformer_config metadata; not an fmrl policy checkpoint")
+    return meta, state
+
+
+def load_velocity(path: Path | str) -> SD3Velocity:
+    """Rebuild an ``SD3Velocity`` from a file written by ``save_velocity``."""
+    meta, state = _read_policy_file(path)
     if meta.get("adapter_only") == "1":
         raise ValueError(f"{path} holds only a LoRA adapter; load it onto the policy it adapts "
                          "(the run's policy.checkpoint or policy.pretrained)")
@@ -113,6 +119,19 @@ def load_velocity(path: Path | str) -> SD3Velocity:
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
+
+
+def load_weights(model: SD3Velocity, path: Path | str) -> None:
+    """Load a file written by ``save_velocity`` into ``model`` in place (no second model): a full
+    policy's every tensor, or an adapter onto ``model``'s base (which must carry the same LoRA)."""
+    meta, state = _read_policy_file(path)
+    if meta.get("adapter_only") == "1":
+        load_adapter(model, state, f"{path} (set policy.lora as the run did: {meta.get('lora', 'unknown')})")
+        return
+    missing, unexpected = model.transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the configured policy: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
 
 
 # ---- LoRA ---------------------------------------------------------------------------------

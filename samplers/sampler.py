@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from samplers.policy import SD3Velocity, state_checksum
+from samplers.policy import SD3Velocity, published_state, state_checksum
 from samplers.rollout import euler_rollout
 from samplers.sde import sde_rollout
 from samplers.text import PromptEmbeddings
@@ -54,7 +54,7 @@ class Sampler:
         self.kind = kind
         self.sde_a = sde_a
         self.version = 0
-        self.checksum = state_checksum(self.velocity.state_dict())
+        self.checksum = state_checksum(published_state(self.velocity))  # as the learner publishes it
 
     def apply(self, version: int, state: dict[str, torch.Tensor], checksum: str) -> tuple[int, str]:
         """Load published weights after checking their checksum; returns (version, checksum).

@@ -19,11 +19,10 @@ Equivalence with diffusers (tests/samplers/test_sd3.py): with the same initial n
 our Euler rollout reproduces ``pipe(..., latents=noise)`` on the tiny pipeline, with and
 without CFG, to float32 round-off: final latents within 1e-5 absolute (observed ≤ 4e-6
 on values of magnitude ≈ 4, CFG scale up to 7) and uint8 images within 1 level (a
-latent a few ulps away can move a pixel across a rounding boundary). Not bitwise,
-for two measured reasons: ``samplers.flow.sampling_sigmas`` is up to 1 ulp off the
-scheduler's sigmas on some grid points, and the text encoders' last bits depend on how
-prompts are batched (we encode each distinct prompt once, diffusers the batch as given).
-Given the same embeddings and sigmas the two rollouts are bitwise equal, and
+latent a few ulps away can move a pixel across a rounding boundary). Not bitwise, for
+one measured reason: the text encoders' last bits depend on how prompts are batched (we
+encode each distinct prompt once, diffusers the batch as given); our sampling sigmas are
+the scheduler's bit for bit. Given the same embeddings the two rollouts are bitwise equal, and
 ``make_decoder`` is bitwise the pipeline's ``output_type="np"`` + ``numpy_to_pil``.
 """
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from samplers.policy import SD3Velocity
-from samplers.text import PromptEmbeddings
+from samplers.text import CachedPromptEncoder
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 
@@ -268,18 +267,19 @@ def load_sd3_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, devi
 
 # ---------------------------------------------------------------------------- the sampler's pieces
 
-class SD3PromptEncoder:
+class SD3PromptEncoder(CachedPromptEncoder):
     """Prompt strings → ``PromptEmbeddings`` as ``pipe.encode_prompt`` computes them.
 
     tokens: (B, 77 + max_sequence_length, T5 width), the pipeline's ``prompt_embeds``;
     pooled: (B, 2 CLIP projection widths), its ``pooled_prompt_embeds``. Each distinct
     prompt is encoded once (no grad, text encoders frozen) and cached as float32 on the
-    CPU; ``encode`` returns float32 tensors on the transformer's device (the dtype cast
-    to the transformer's is ``SD3Velocity``'s). ``""`` is the pipeline's negative prompt
-    for ``negative_prompt=""``, i.e. the unconditional prompt of CFG.
+    CPU; ``encode`` returns those CPU tensors (``SD3Velocity`` moves them to the
+    transformer's device and dtype; the learner's critic stays on the CPU). ``""`` is the
+    pipeline's negative prompt for ``negative_prompt=""``, i.e. the unconditional prompt of CFG.
     """
 
     def __init__(self, pipe, max_sequence_length: int = 256) -> None:
+        super().__init__()
         if not 1 <= max_sequence_length <= 512:  # the pipeline's own limit
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
         self.pipe = pipe
@@ -287,7 +287,6 @@ class SD3PromptEncoder:
         for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             if enc is not None:
                 enc.eval().requires_grad_(False)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _text_device(self) -> torch.device:
         for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
@@ -304,22 +303,6 @@ class SD3PromptEncoder:
         )
         for i, p in enumerate(prompts):
             self._cache[p] = (tokens[i].float().cpu(), pooled[i].float().cpu())
-
-    def encode(self, prompts: list[str]) -> PromptEmbeddings:
-        """Embeddings for ``prompts`` in order (repeats allowed; ``""`` is unconditional)."""
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not a string")
-        new = sorted({p for p in prompts if p not in self._cache})
-        if new:
-            self._encode_new(new)
-        device = self.pipe.transformer.device
-        tokens = torch.stack([self._cache[p][0] for p in prompts]).to(device)
-        pooled = torch.stack([self._cache[p][1] for p in prompts]).to(device)
-        return PromptEmbeddings(tokens, pooled)
-
-    def clear(self) -> None:
-        """Forget the cached embeddings."""
-        self._cache.clear()
 
 
 def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:

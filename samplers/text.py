@@ -48,10 +48,39 @@ class PromptEmbeddings:
         return PromptEmbeddings(self.tokens.to(device), self.pooled.to(device))
 
 
-class PromptEncoder:
+class CachedPromptEncoder:
+    """Prompt strings → ``PromptEmbeddings``, each distinct string encoded once (by the
+    subclass's ``_encode_new``, which stores float32 CPU tensors in ``_cache``); ``encode``
+    returns CPU tensors: the policy moves its inputs to its own device and dtype, and the
+    learner keeps its batch (and AC-Flow's critic) on the CPU."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _encode_new(self, prompts: list[str]) -> None:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> PromptEmbeddings:
+        """Embeddings for ``prompts`` in order (repeats allowed; ``""`` is the unconditional prompt)."""
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a string")
+        new = sorted({p for p in prompts if p not in self._cache})
+        if new:
+            self._encode_new(new)
+        tokens = torch.stack([self._cache[p][0] for p in prompts])
+        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        return PromptEmbeddings(tokens, pooled)
+
+    def clear(self) -> None:
+        """Forget the cached embeddings."""
+        self._cache.clear()
+
+
+class PromptEncoder(CachedPromptEncoder):
     """Encodes prompt strings with the frozen MiniLM; results are cached per string."""
 
     def __init__(self, model_dir: str | Path | None = None, device: str = "cpu") -> None:
+        super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(model_dir) if model_dir is not None else minilm_path()
@@ -62,7 +91,6 @@ class PromptEncoder:
         self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
         self.model.requires_grad_(False)
         self.device = device
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def _encode_new(self, prompts: list[str]) -> None:
@@ -75,12 +103,3 @@ class PromptEncoder:
         pooled = tokens.sum(1) / mask.sum(1).clamp_min(1.0)
         for i, p in enumerate(prompts):
             self._cache[p] = (tokens[i].float().cpu(), pooled[i].float().cpu())
-
-    def encode(self, prompts: list[str]) -> PromptEmbeddings:
-        """Embeddings for ``prompts`` (the empty string is the unconditional prompt)."""
-        new = sorted({p for p in prompts if p not in self._cache})
-        if new:
-            self._encode_new(new)
-        tokens = torch.stack([self._cache[p][0] for p in prompts])
-        pooled = torch.stack([self._cache[p][1] for p in prompts])
-        return PromptEmbeddings(tokens, pooled)

@@ -37,7 +37,7 @@ from reward_workers.digits import HeldoutSVM
 from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.config import TrainConfig, dump_config
-from services.evaluation import Evaluation, evaluation_of
+from services.evaluation import Evaluation, eval_plan, evaluation_of, seed_for
 from services.observe import RunMetrics, write_prometheus_targets
 from services.report import reward_curve, sample_grid, summary_table, write_report
 from services.world import check_policy_source
@@ -54,11 +54,6 @@ class LearnerLost(RuntimeError):
 
 
 _LOST = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
-
-
-def seed_for(*keys: int) -> int:
-    """A 63-bit seed derived from integers (run seed, iteration, prompt index, ...)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
@@ -318,9 +313,8 @@ class Pipeline:
 def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | None) -> Evaluation:
     """CFG-free ODE samples of every prompt from fixed noise, scored by the reward and (digits
     world) the held-out SVM: the same measurement whichever sampler the algorithm trains with."""
-    prompts = list(dict.fromkeys(cfg.rollout.prompts))
+    prompts, seeds = eval_plan(cfg)
     n = cfg.eval.samples_per_prompt
-    seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
     batch = pipe.launch(-1, prompts, seeds, n, cfg_scale=1.0, kind="ode")
     scored = pipe.settle(batch, 0, n, cfg_scale=1.0, kind="ode")
     trajs = ray.get([p.traj for p in batch.parts])
@@ -387,6 +381,25 @@ def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float,
     for old in sorted(root.glob("iter-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def link_final_checkpoint(ckpt: Path, dest: Path) -> str:
+    """``dest`` (the run's checkpoint/): the learner files of its last checkpoint, which the run
+    wrote at its final iteration and which nothing has changed since, hard-linked rather than
+    written again (a copy where links cannot be made); pruning ``ckpt`` later keeps them.
+    Returns the policy file's path."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.name != "driver.json":
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return str((dest / "policy.safetensors").resolve())
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -509,7 +522,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             after = evaluate(pipe, cfg, pipe.version, svm)
             metrics.evaluation("after", after)
             mf.write(json.dumps({"kind": "eval", "when": "after", "version": pipe.version, **after.headline()}) + "\n")
-        final = ray.get(actors.learner.save.remote(str((run_dir / "checkpoint").resolve())))
+        final = link_final_checkpoint(latest_checkpoint(run_dir), run_dir / "checkpoint")
         summary = write_outputs(run_dir, before, after, {
             "checkpoint": final, "seconds": round(time.time() - t0, 1),
             "heldout_classifier_accuracy_on_real": svm.heldout_accuracy if svm else None,

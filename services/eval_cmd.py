@@ -12,13 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from reward_workers.digits import HeldoutSVM, prompt_digit
-from samplers.policy import load_adapter, load_velocity
+from samplers.policy import load_weights
 from samplers.sampler import Sampler
 from services.config import TrainConfig, load_config
-from services.evaluation import evaluation_of
+from services.evaluation import eval_plan, evaluation_of
 from services.report import eval_grid
 from services.rewards import RewardStage, component_means
 from services.world import load_policy, resolve_checkpoint
@@ -29,20 +27,6 @@ def _resolve(checkpoint: Path, config: str | None, overrides: list[str]) -> tupl
     run = checkpoint if (checkpoint / "config.yaml").is_file() else None
     cfg = load_config(run / "config.yaml" if run is not None and config is None else config, overrides)
     return cfg, resolve_checkpoint(checkpoint), run
-
-
-def _load_weights(velocity: torch.nn.Module, path: Path) -> None:
-    """Full weights, or a LoRA adapter onto the configured base (its keys must be the adapter's)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("adapter_only") == "1":
-        load_adapter(velocity, load_file(str(path)), f"{path} (set policy.lora as the run did: "
-                                                      f"{meta.get('lora', 'unknown')})")
-    else:
-        velocity.load_state_dict(load_velocity(path).state_dict())
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -57,10 +41,8 @@ def read_prompts(path: Path) -> list[str]:
 def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_file: Path | None = None,
                         samples: int | None = None, out: Path | None = None,
                         overrides: list[str] | None = None) -> dict[str, Any]:
-    from services.driver import seed_for
-
     cfg, policy_file, run = _resolve(checkpoint, config, list(overrides or []))
-    prompts = read_prompts(prompts_file) if prompts_file else list(dict.fromkeys(cfg.rollout.prompts))
+    prompts, seeds = eval_plan(cfg, read_prompts(prompts_file) if prompts_file else None)
     n = samples or cfg.eval.samples_per_prompt
     if n < 2:
         raise ValueError(f"-n must be at least 2 (diversity compares samples), got {n}")
@@ -68,10 +50,9 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
         for p in prompts:
             prompt_digit(p)  # raises, naming the prompt, when it names no single digit
     parts = load_policy(cfg.policy)
-    _load_weights(parts.velocity, policy_file)
+    load_weights(parts.velocity, policy_file)
     sampler = Sampler(parts.velocity, parts.encode, parts.decode, parts.latent_shape,
                       num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=1.0, keep_states=False)
-    seeds = [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
     traj = sampler.rollout(prompts, n, seeds, cfg_scale=1.0, kind="ode")
     scored = RewardStage(cfg.reward).score(traj.images, traj.prompt_list())
     images = traj.images.reshape(len(prompts), n, *traj.images.shape[1:])

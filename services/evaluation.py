@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed derived from integers (run seed, iteration, prompt index, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def eval_plan(cfg: Any, prompts: list[str] | None = None) -> tuple[list[str], list[int]]:  # noqa: ANN401
+    """What every evaluation samples (the run's and ``fmrl eval``'s alike): ``prompts`` (default:
+    the run's distinct training prompts) and each prompt's noise seed from ``cfg.eval.seed``."""
+    prompts = list(dict.fromkeys(cfg.rollout.prompts)) if prompts is None else prompts
+    return prompts, [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,7 @@ class Evaluation:
 
     def save(self, path: Path) -> None:
         """One .npz: the images and the figures (a resumed run reports the original 'before')."""
-        meta = {k: v for k, v in asdict(self).items() if k != "images"}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "images"}
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, images=self.images, meta=np.array(json.dumps(meta)))
         tmp.replace(path)

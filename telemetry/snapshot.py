@@ -36,18 +36,23 @@ UNIT_W, UNIT_H, TITLE_H = 0.85, 0.36, 0.8
 COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8ab8ff", "#fade2a"]
 
 
-def query_range(prometheus_url: str, expr: str, start: float, end: float, step: float) -> list[dict]:
-    """The ``result`` of a range query: ``[{"metric": {...}, "values": [[t, "v"], ...]}, ...]``."""
-    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
-    url = f"{prometheus_url.rstrip('/')}/api/v1/query_range?{params}"
+def prometheus_api(prometheus_url: str, path: str, **params: object) -> dict:
+    """``/api/v1/<path>``'s ``data`` (a GET with ``params``); a refused query raises, with Prometheus's reason."""
+    url = f"{prometheus_url.rstrip('/')}/api/v1/{path}?{urllib.parse.urlencode(params)}"
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             body = json.load(r)
     except urllib.error.HTTPError as e:  # a bad query: Prometheus explains in the body
         body = json.loads(e.read() or b"{}")
     if body.get("status") != "success":
-        raise RuntimeError(f"Prometheus refused {expr!r}: {body.get('errorType')}: {body.get('error')}")
-    return body["data"]["result"]
+        raise RuntimeError(f"Prometheus refused {params.get('query', path)!r}: {body.get('errorType')}: "
+                           f"{body.get('error')}")
+    return body["data"]
+
+
+def query_range(prometheus_url: str, expr: str, start: float, end: float, step: float) -> list[dict]:
+    """The ``result`` of a range query: ``[{"metric": {...}, "values": [[t, "v"], ...]}, ...]``."""
+    return prometheus_api(prometheus_url, "query_range", query=expr, start=start, end=end, step=step)["result"]
 
 
 def legend(metric: dict[str, str], legend_format: str | None, expr: str) -> str:

@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def scrape_metrics(port: int) -> dict:
+    """``http://127.0.0.1:<port>/metrics`` parsed by prometheus-client: {family name: family}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,20 +141,16 @@ class PrometheusServer(LocalServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def api(self, path: str, **params: object) -> object:
-        """``/api/v1/<path>``'s data (GET with ``params``); a failed query fails the test."""
-        import json
-        import urllib.parse
-        import urllib.request
+    def api(self, path: str, **params: object) -> dict:
+        """``/api/v1/<path>``'s data (GET with ``params``); a refused query raises."""
+        from telemetry.snapshot import prometheus_api
 
-        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]
+        return prometheus_api(self.url, path, **params)
 
     def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
-        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+        from telemetry.snapshot import query_range
+
+        return query_range(self.url, expr, start, end, step)
 
     def wait_scraped(self, timeout: float = 20.0) -> None:
         """Until a target has been scraped: ready is not enough, Prometheus applies the config's

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from reward_workers.client import (
     RedisUnreachable,
@@ -32,7 +30,7 @@ from reward_workers.client import (
 from reward_workers.contract import RESULT_CONSUMED, StreamLayout, encode_request
 from reward_workers.digits import DIGIT_WORDS, DigitsClassifierReward, load_split
 from reward_workers.service import RewardService, ServiceConfig, main
-from tests.conftest import free_port
+from tests.conftest import free_port, scrape_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARD = "digits_classifier"
@@ -141,11 +139,6 @@ def assert_same_scores(out, reward_model, images, prompts):
         np.testing.assert_array_equal(out.details[k], ref.details[k])
 
 
-def scrape(port):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
-
-
 # ------------------------------------------------------------------ worker processes
 
 
@@ -192,7 +185,7 @@ def test_workers_killed_or_replaced_mid_run_lose_nothing(redis_url, workers, dig
     assert_all_consumed_once(r, 80)
 
     # B's /metrics: the declared families with their types; it scored and took over A's entries
-    families = scrape(port)
+    families = scrape_metrics(port)
     expected = {"fmrl_reward_service_requests": "counter", "fmrl_reward_service_images": "counter",
                 "fmrl_reward_service_request_seconds": "histogram",
                 "fmrl_reward_service_dead_letters": "counter", "fmrl_reward_service_reclaimed": "counter"}

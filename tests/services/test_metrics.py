@@ -8,7 +8,6 @@ import re
 import shutil
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.driver import train
 from services.evaluation import Evaluation
 from telemetry.metrics import METRICS, exposed
-from tests.conftest import free_port, start_prometheus
+from tests.conftest import free_port, scrape_metrics, start_prometheus
 from tests.services.conftest import short_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -42,12 +41,6 @@ def _ray_metrics_port() -> int:
 def _dashboard_exprs() -> list[str]:
     return [t["expr"] for p in json.loads((DEPLOY / "grafana" / "fmrl-dashboard.json").read_text())["panels"]
             for t in p["targets"]]
-
-
-def _scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
-    return families
 
 
 def _value(families, name, **labels):
@@ -92,7 +85,7 @@ def _train_and_scrape(cfg, port):
     end = time.time() + 240
     while thread.is_alive() and time.time() < end and len(scrapes) < 2:
         try:
-            fams = _scrape(port)
+            fams = scrape_metrics(port)
         except OSError:  # not serving yet
             time.sleep(0.02)
             continue
@@ -262,10 +255,8 @@ def test_reward_client_metrics_from_the_reward_actor_are_served_by_the_driver():
 
 def _worker_samples(port, worker_id):
     """The ray_fmrl_* samples Ray's agent serves for one worker: {(name, labels…): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
     out = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in scrape_metrics(port).values():
         for s in fam.samples:
             if s.name.startswith("ray_fmrl_") and s.labels.get("WorkerId") == worker_id:
                 extra = tuple(sorted((k, v) for k, v in s.labels.items() if k in ("role", "backend", "le")))
@@ -315,9 +306,9 @@ def test_the_run_waits_for_a_last_scrape_only_when_something_scrapes_it():
     run = RunMetrics(0)
     try:
         assert run.wait_for_scrape(30) is False  # nobody has scraped: no wait at all
-        _scrape(run.port)
+        scrape_metrics(run.port)
         assert run.wait_for_scrape(0.2) is False  # scraped before, but no scrape came in time
-        timer = threading.Timer(0.3, _scrape, args=(run.port,))
+        timer = threading.Timer(0.3, scrape_metrics, args=(run.port,))
         timer.start()
         assert run.wait_for_scrape(30) is True  # the next scrape ends the wait
         timer.join()

@@ -11,18 +11,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from reward_workers.client import RewardUnavailable
 from services.cli import _cause
 from services.driver import train
-from tests.conftest import free_port
+from tests.conftest import free_port, scrape_metrics
 from tests.services.conftest import short_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +54,9 @@ def wait_consuming(url: str, consumer: str, timeout: float = 60.0) -> None:
 
 
 def served_requests(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "fmrl_reward_service_requests"
-               for s in f.samples if s.name.endswith("_total") and s.labels.get("outcome") == "ok")
+    family = scrape_metrics(port).get("fmrl_reward_service_requests")
+    return sum(s.value for s in (family.samples if family else [])
+               if s.name.endswith("_total") and s.labels.get("outcome") == "ok")
 
 
 def redis_reward(url: str) -> dict[str, str]:
