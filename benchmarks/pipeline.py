@@ -87,7 +87,7 @@ def main() -> None:
 
     from services.config import load_config
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     out = Path(tempfile.mkdtemp(prefix="fmrl-pipeline-"))
     results = []
     for ns in args.samplers:

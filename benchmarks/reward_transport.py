@@ -117,7 +117,7 @@ def main() -> None:
         floor[side] = stats(lat)[0]
         rows.append(("in-process call", side, *stats(lat), 1.0 / float(np.mean(lat)), 0.0))
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(num_cpus=0.5, max_concurrency=1)
     class RewardActor:

@@ -263,7 +263,7 @@ def main() -> None:
     started = time.perf_counter()
     # preallocated: every sync writes into pages touched before, as in a run's steady state
     # (on the VM this was developed on, first-touching store pages cost ~1.2 s/GB)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True,
              object_store_memory=int(args.object_store_gb * 2**30),
              _system_config={"preallocate_plasma_memory": not args.no_preallocate})
     store_gb = ray.cluster_resources().get("object_store_memory", 0) / 2**30

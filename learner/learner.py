@@ -34,6 +34,8 @@ from samplers.policy import (
     load_adapter,
     lora_settings,
     published_state,
+    read_tensors,
+    save_tensors,
     save_velocity,
     state_checksum,
 )
@@ -127,7 +129,11 @@ class Learner:
             grad_norm = float(nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))
             if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite gradient norm at learner step {self.step}")
+                # the weights are untouched (no step was taken); the run stops at its last checkpoint
+                raise FloatingPointError(
+                    f"non-finite gradient (norm {grad_norm}) at learner step {self.step}, objective "
+                    f"{s.objective} (loss {loss_sum / n:.4g}): no update was applied; lower learner.lr or "
+                    f"the objective's temperature, or check the rewards' scale")
             self.optimizer.step()
             self.scheduler.step()
         stats.update(self.rule.after_step(self, prep))
@@ -182,9 +188,8 @@ class Learner:
     def save(self, directory: Path | str) -> Path:
         """policy.safetensors (a full policy's is loadable by ``fmrl sample``; an adapted one
         keeps only its adapter, the base stays in the pipeline directory), rollout.safetensors and
-        optimizer.safetensors: everything ``load`` needs to continue bitwise identically."""
-        from safetensors.torch import save_file
-
+        optimizer.safetensors: everything ``load`` needs to continue bitwise identically. Each file
+        records its SHA-256 digest (``samplers.policy.save_tensors``), which ``load`` verifies."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"step": str(self.step), "version": str(self.version),
@@ -200,33 +205,32 @@ class Learner:
         tensors[self._GENERATOR_KEY] = self.generator.get_state().contiguous()
         rule_tensors, rule_meta = self.rule.state()
         tensors.update({f"rule.{k}": v for k, v in rule_tensors.items()})
-        tmp = d / "optimizer.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(opt_state["param_groups"]),
-                                               "scheduler": json.dumps(self.scheduler.state_dict()),
-                                               "reference_checksum": self._reference_checksum(),
-                                               "rule": json.dumps(rule_meta)})
-        tmp.replace(d / "optimizer.safetensors")
+        save_tensors(d / "optimizer.safetensors", tensors,
+                     {**meta, "param_groups": json.dumps(opt_state["param_groups"]),
+                      "scheduler": json.dumps(self.scheduler.state_dict()),
+                      "reference_checksum": self._reference_checksum(), "rule": json.dumps(rule_meta)})
         return d / "policy.safetensors"
 
     def load(self, directory: Path | str) -> None:
         """Restore what ``save`` wrote, so that the learner continues exactly as the saved one.
 
-        Raises, before changing anything, on a missing file, a checkpoint of another
+        Raises, before changing anything, on a missing, damaged or corrupt file (each file's
+        recorded SHA-256 digest is verified; the message names the file), a checkpoint of another
         objective, files from different steps (a save cut short) or another frozen reference.
         (Later mismatches, e.g. other tracker settings or weight shapes, also raise but may
         leave the learner partly loaded.)
-        """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
 
+        The learning rate is the one exception to "exactly": when this learner's ``settings.lr``
+        differs from the checkpoint's, the schedule continues from its step with the new base
+        rate (an ``lr`` override on resume takes effect rather than being overwritten).
+        """
         d = Path(directory)
-        for name in ("policy.safetensors", "rollout.safetensors", "optimizer.safetensors"):
+        names = ("policy.safetensors", "rollout.safetensors", "optimizer.safetensors")
+        for name in names:
             if not (d / name).is_file():
                 raise FileNotFoundError(f"checkpoint {d} is incomplete: {name} missing")
-        metas = {}
-        for name in ("policy.safetensors", "rollout.safetensors", "optimizer.safetensors"):
-            with safe_open(str(d / name), framework="pt") as f:
-                metas[name] = f.metadata() or {}
+        files = {name: read_tensors(d / name) for name in names}
+        metas = {name: m for name, (m, _) in files.items()}
         meta = metas["optimizer.safetensors"]
         if "settings" in meta:
             saved = json.loads(meta["settings"]).get("objective")
@@ -244,7 +248,7 @@ class Learner:
         if saved_lora != own_lora:
             raise ValueError(f"checkpoint {d} was written with LoRA {saved_lora}, this learner's policy has "
                              f"{own_lora} (another LoRA rank or target modules?)")
-        flat = load_file(str(d / "optimizer.safetensors"))
+        flat = dict(files["optimizer.safetensors"][1])
         generator_state = flat.pop(self._GENERATOR_KEY, None)
         rule_tensors = {k[5:]: v for k, v in flat.items() if k.startswith("rule.")}
         state: dict[int, dict[str, torch.Tensor]] = {}
@@ -255,8 +259,9 @@ class Learner:
             state.setdefault(int(pid), {})[name] = val
         # the transformers' weights as save_velocity wrote them, loaded in place: load_velocity
         # would build two models, drawing from the global torch RNG and costing their memory
-        policy_state = load_file(str(d / "policy.safetensors"))
-        rollout_state = load_file(str(d / "rollout.safetensors"))
+        policy_state = files["policy.safetensors"][1]
+        rollout_state = files["rollout.safetensors"][1]
+        del files
 
         # the rule first: its own checks (tracker settings) may still refuse the checkpoint
         self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
@@ -273,8 +278,20 @@ class Learner:
         else:  # older checkpoints: the saved param groups carry the scheduled lr
             self.scheduler.last_epoch = int(meta["scheduler_epoch"])
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001
+        if self.scheduler.base_lrs != [self.settings.lr] * len(self.scheduler.base_lrs):
+            self._rebase_lr(self.settings.lr)
         if generator_state is not None:
             self.generator.set_state(generator_state)
         else:
             warnings.warn(f"checkpoint {d} predates saved generator state: the learner resumes with a "
                           "freshly seeded generator, not exactly where it stopped", stacklevel=2)
+
+    def _rebase_lr(self, lr: float) -> None:
+        """Make ``lr`` the schedule's base rate from the current step on: LambdaLR's base rates,
+        the groups' ``initial_lr`` (which a rebuilt scheduler would read) and the rate in force now."""
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+        for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001

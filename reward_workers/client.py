@@ -4,7 +4,9 @@
 reward's request stream, and blocks (BLPOP on its own reply list, no polling) until results
 arrive. A request whose attempt times out is resubmitted under the same id, so a late
 original and its resubmission collapse into the single result the service writes with SET NX.
-Each result is taken exactly once by swapping in RESULT_CONSUMED (SET XX GET).
+Each result is taken exactly once by swapping in its consumed marker (SET XX GET), and only
+when it carries this request's digest: a result for other content under the same id (a reused
+id) is left to its owner and this request fails with a RewardError naming the id.
 
 One client per thread: it is not thread-safe.
 """
@@ -30,9 +32,12 @@ from reward_workers.contract import (
     RewardRequest,
     RewardResult,
     StreamLayout,
+    consumed_marker,
     decode_result,
     encode_request,
+    request_digest,
     request_fields,
+    stored_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,7 @@ class _InFlight:
     index: int
     request: RewardRequest
     payload: bytes
+    digest: str
     first_sent: float
     deadline: float
     entry_ids: list[bytes] = field(default_factory=list)
@@ -124,7 +130,8 @@ class RewardClient:
     redis: a URL (see :func:`connect`) or a ready client.
     required: when attempts run out, raise RewardUnavailable (True) or return None (False,
         the caller drops this reward component; counted as an ``unavailable`` error).
-    max_images_per_request: a batch is split into requests of at most this many images.
+    max_images_per_request: a batch is split into requests of at most this many images (fewer
+        where ``limits.max_pixels_per_request`` asks for it).
     max_in_flight: most requests of this client waiting for results at once.
     timeout_s: how long one attempt of a request waits before it is resubmitted.
     attempts: submissions per request (the first included) before giving up.
@@ -183,8 +190,9 @@ class RewardClient:
         n = len(images)
         if n == 0:
             return RewardOutput(scores=np.zeros(0))
-        bounds = [(s, min(s + self.max_images_per_request, n))
-                  for s in range(0, n, self.max_images_per_request)]
+        per_request = min(self.max_images_per_request,
+                          self.limits.images_per_request(images.shape[1], images.shape[2]))
+        bounds = [(s, min(s + per_request, n)) for s in range(0, n, per_request)]
         started = time.monotonic()
         try:
             results = self._run(images, prompts, bounds)
@@ -259,7 +267,8 @@ class RewardClient:
             images, prompts, reward=self.reward, request_id=uuid.uuid4().hex, reply_to=self.reply_key,
             encoding=self.encoding, limits=self.limits)
         now = time.monotonic()
-        p = _InFlight(index, request, fields["images"], now, now + self.timeout_s)
+        p = _InFlight(index, request, fields["images"], request_digest(request, fields["images"]),
+                      now, now + self.timeout_s)
         p.entry_ids.append(self.redis.xadd(self.layout.requests, fields))
         self._in_flight_gauge.inc()
         return p
@@ -275,10 +284,14 @@ class RewardClient:
                  p.request.request_id, p.request.attempt, self.attempts)
 
     def _take(self, p: _InFlight, flying: dict[str, _InFlight], done: dict[int, RewardResult]) -> bool:
-        """Take p's result if it is there (atomically marking it consumed); False if not yet."""
-        raw = self.redis.set(self.layout.result_key(p.request.request_id), RESULT_CONSUMED,
-                             xx=True, keepttl=True, get=True)
-        if raw is None or raw == RESULT_CONSUMED:
+        """Take p's result if it is there (atomically marking it consumed); False if not yet.
+        A value bound to another request's digest (a reused id) is left alone: RewardError."""
+        key = self.layout.result_key(p.request.request_id)
+        self._check_digest(p, self.redis.get(key))
+        # a result is written once (SET NX), so what the swap returns is what was checked,
+        # or a marker when a duplicate of this very request was taken meanwhile
+        raw = self.redis.set(key, consumed_marker(p.digest), xx=True, keepttl=True, get=True)
+        if raw is None or raw.startswith(RESULT_CONSUMED):
             return False
         del flying[p.request.request_id]
         self._in_flight_gauge.dec()
@@ -295,16 +308,26 @@ class RewardClient:
         done[p.index] = result
         return True
 
+    def _check_digest(self, p: _InFlight, raw: bytes | None) -> None:
+        digest = stored_digest(raw) if raw is not None else ""
+        if digest and digest != p.digest:
+            self._errors["worker_error"].inc()
+            raise RewardError(self.reward, p.request.request_id,
+                              f"id_reused: request id {p.request.request_id} was already used for "
+                              f"other images or prompts (digest {digest[:16]}…, this request "
+                              f"{p.digest[:16]}…); its result is not this request's")
+
     def _abandon(self, pending: list[_InFlight]) -> None:
-        """Withdraw requests nobody waits for any more: delete their entries and mark their
-        results consumed, so a service neither scores them nor leaves stale results behind."""
+        """Withdraw requests nobody waits for any more: delete their entries and pre-mark their
+        results consumed, so a service does not score them. SET NX: a result already there
+        expires on its own, and one of another request under the same id stays its owner's."""
         self._in_flight_gauge.dec(len(pending))
         try:
             pipe = self.redis.pipeline(transaction=False)
             for p in pending:
                 pipe.xdel(self.layout.requests, *p.entry_ids)
-                pipe.set(self.layout.result_key(p.request.request_id), RESULT_CONSUMED,
-                         ex=self.result_ttl_s)
+                pipe.set(self.layout.result_key(p.request.request_id), consumed_marker(p.digest),
+                         ex=self.result_ttl_s, nx=True)
             pipe.execute()
         except redis.RedisError as e:
             log.warning("reward %s: could not withdraw %d abandoned request(s): %s", self.reward,

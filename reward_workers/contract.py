@@ -7,15 +7,23 @@ A request is one Redis stream entry with two fields:
   ``"png"`` — one lossless PNG per image, concatenated, each one's length in the metadata;
   ``"raw"`` — the uint8 array (N, H, W, C) in C order, N·H·W·C bytes.
 
-A result is the JSON of a :class:`RewardResult` stored under the request id. Every decode
+A result is the JSON of a :class:`RewardResult` stored under the request id, bound to the
+request's content by its :func:`request_digest`: an id reused for other images or prompts is
+refused (reason ``id_reused``), never answered with another request's scores. Every decode
 step fails with :class:`ContractError`, whose ``reason`` is a short label (for metrics and
 the dead-letter stream) and whose message names the problem.
+
+Sizes are bounded before anything is allocated for them: the entry's bytes (measured in
+Redis, see service.py), the ``meta`` bytes before JSON parsing, the declared pixels per image
+and per request before the output array exists, and every PNG's header before any PNG is
+inflated.
 
 The key layout shared by client and service is :class:`StreamLayout`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -34,18 +42,39 @@ FIELD_META = "meta"
 FIELD_IMAGES = "images"
 ImageEncoding = Literal["png", "raw"]
 ContractReason = Literal["malformed", "schema_version", "wrong_reward", "bad_images", "too_large",
-                         "prompt_count"]
+                         "prompt_count", "id_reused"]
 """Why a request was rejected; the label of the dead-letter metric and stream entry."""
 
 # Request ids go into Redis key names: keep them short and free of separators' surprises.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 _PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 RESULT_CONSUMED = b"\x00consumed"
-"""What a result key holds once its client took the result (never valid JSON, so never a result).
+"""The prefix of what a result key holds once its client took the result (never valid JSON, so
+never a result); the request's digest follows it (:func:`consumed_marker`).
 
-A key's life: absent → result (written once, SET NX) → RESULT_CONSUMED (the client swaps
-it in atomically, SET XX GET) → expired. A service finding either value never scores again.
+A key's life: absent → result (written once, SET NX) → consumed marker (the client swaps it
+in, SET XX GET) → expired. A service finding either never scores again: it answers a
+resubmission (same digest) with a re-notification and refuses another request under the same
+id (another digest) with ``id_reused``.
 """
+
+
+def consumed_marker(digest: str) -> bytes:
+    """The consumed marker of the request with this digest."""
+    return RESULT_CONSUMED + b" " + digest.encode()
+
+
+def stored_digest(raw: bytes) -> str:
+    """The request digest a result key's value is bound to ("" when it names none: an error
+    result written for an undecodable request, or a value from before digests)."""
+    if raw.startswith(RESULT_CONSUMED):
+        return raw[len(RESULT_CONSUMED) + 1:].decode(errors="replace")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return ""
+    digest = doc.get("digest") if isinstance(doc, dict) else None
+    return digest if isinstance(digest, str) else ""
 
 
 class ContractError(ValueError):
@@ -63,7 +92,26 @@ class RequestLimits(BaseModel):
 
     max_images: int = Field(256, ge=1, description="most images in one request")
     max_side: int = Field(4096, ge=1, description="largest height or width in pixels")
+    max_pixels_per_image: int = Field(
+        16 * 2**20, ge=1, description="most pixels (H·W) of one image (4096², 64 MiB as RGBA); "
+        "checked on the declared shape before any pixel is allocated")
+    max_pixels_per_request: int = Field(
+        64 * 2**20, ge=1, description="most pixels (N·H·W) in one request: 64 images of 1024², "
+        "so a request decodes to at most 256 MiB (RGBA). The declared shape is checked before the "
+        "output array is allocated: a small payload cannot declare a huge batch. The client "
+        "splits batches to fit")
     max_bytes: int = Field(64 * 2**20, ge=1, description="largest encoded image payload in bytes")
+    max_meta_bytes: int = Field(4 * 2**20, ge=1, description="largest ``meta`` field (JSON with "
+                                "the prompts) in bytes, checked before it is parsed")
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """Largest stream entry a service reads out of Redis: payload, meta and field names."""
+        return self.max_bytes + self.max_meta_bytes + 1024
+
+    def images_per_request(self, height: int, width: int) -> int:
+        """How many H×W images fit one request (at least 1; a too large image is rejected apart)."""
+        return max(1, min(self.max_images, self.max_pixels_per_request // max(1, height * width)))
 
 
 class ImageBatch(BaseModel):
@@ -123,6 +171,8 @@ class RewardResult(BaseModel):
     """The answer to one request: scores (N,) and details, or ``ok=False`` with ``error``.
 
     details keep their kind (bool, int or float lists) so they decode to the same dtype family.
+    digest: the :func:`request_digest` of the request answered; "" only on an error result for
+    a request that could not be decoded (nothing to bind it to).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -136,6 +186,7 @@ class RewardResult(BaseModel):
     error: str | None = None
     worker: str = ""
     elapsed_s: float = 0.0
+    digest: str = ""
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardResult:
@@ -151,7 +202,7 @@ class RewardResult(BaseModel):
 
     @classmethod
     def from_output(cls, request_id: str, reward: str, output: RewardOutput, n: int,
-                    worker: str = "", elapsed_s: float = 0.0) -> RewardResult:
+                    worker: str = "", elapsed_s: float = 0.0, digest: str = "") -> RewardResult:
         """The ok result for ``output``; raises ValueError on a wrong shape or a non-finite score."""
         scores = np.asarray(output.scores)
         if scores.shape != (n,):
@@ -164,10 +215,13 @@ class RewardResult(BaseModel):
             v = np.asarray(v)
             if v.shape != (n,):
                 raise ValueError(f"reward {reward!r} returned detail {k!r} of shape {v.shape} for {n} images")
+            # JSON has no NaN: it would arrive as null and fail the client's decoding
+            if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                raise ValueError(f"reward {reward!r} returned non-finite detail {k!r}")
             details[k] = v.tolist()
         return cls(request_id=request_id, reward=reward, ok=True,
                    scores=scores.astype(np.float64).tolist(), details=details, worker=worker,
-                   elapsed_s=elapsed_s)
+                   elapsed_s=elapsed_s, digest=digest)
 
     def to_output(self) -> RewardOutput:
         """The RewardOutput of an ok result (scores float64; details int64/float64/bool)."""
@@ -235,6 +289,13 @@ def _check_shape_limits(shape: tuple[int, ...], limits: RequestLimits) -> None:
     if max(shape[1], shape[2]) > limits.max_side:
         raise ContractError("too_large", f"images of {shape[1]}×{shape[2]} pixels exceed the "
                             f"largest side of {limits.max_side}")
+    if shape[1] * shape[2] > limits.max_pixels_per_image:
+        raise ContractError("too_large", f"images of {shape[1]}×{shape[2]} = {shape[1] * shape[2]} "
+                            f"pixels exceed the limit of {limits.max_pixels_per_image} per image")
+    if shape[0] * shape[1] * shape[2] > limits.max_pixels_per_request:
+        raise ContractError("too_large", f"{shape[0]} images of {shape[1]}×{shape[2]} = "
+                            f"{shape[0] * shape[1] * shape[2]} pixels exceed the limit of "
+                            f"{limits.max_pixels_per_request} per request")
 
 
 def encode_images(images: np.ndarray, encoding: ImageEncoding,
@@ -284,25 +345,31 @@ def decode_images(meta: ImageBatch, data: bytes, limits: RequestLimits | None = 
                             f"payload has {len(data)}")
     from PIL import Image
 
-    out = np.empty(meta.shape, dtype=np.uint8)
+    # every header first (Image.open reads only the header): a size or mode other than the
+    # declared one is rejected before any pixel is inflated or the output allocated
+    opened = []
     offset = 0
     for i, length in enumerate(meta.lengths):
         chunk = data[offset:offset + length]
         offset += length
         try:
             im = Image.open(io.BytesIO(chunk), formats=["PNG"])
-            # read the header first: a wrong size is rejected before any pixel is inflated
-            if im.size != (w, h) or im.mode != _PNG_MODES[c]:
-                raise ContractError("bad_images", f"png image {i} is {im.size[1]}×{im.size[0]} "
-                                    f"mode {im.mode}, declared {h}×{w} with {c} channel(s) "
-                                    f"(mode {_PNG_MODES[c]})")
-            im.load()
-        except ContractError:
-            raise
         except Exception as e:  # Pillow raises several types for corrupt data
+            raise ContractError("bad_images", f"png image {i} does not decode: {e}") from None
+        if im.size != (w, h) or im.mode != _PNG_MODES[c]:
+            raise ContractError("bad_images", f"png image {i} is {im.size[1]}×{im.size[0]} "
+                                f"mode {im.mode}, declared {h}×{w} with {c} channel(s) "
+                                f"(mode {_PNG_MODES[c]})")
+        opened.append(im)
+    out = np.empty(meta.shape, dtype=np.uint8)
+    for i, im in enumerate(opened):
+        try:
+            im.load()
+        except Exception as e:
             raise ContractError("bad_images", f"png image {i} does not decode: {e}") from None
         arr = np.asarray(im, dtype=np.uint8)
         out[i] = arr[..., None] if c == 1 else arr
+        im.close()
     return out
 
 
@@ -338,7 +405,7 @@ def peek_request(fields: Mapping[bytes | str, bytes]) -> dict:
     raw = _field(fields, FIELD_META)
     try:
         doc = json.loads(raw) if raw is not None else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -346,15 +413,20 @@ def peek_request(fields: Mapping[bytes | str, bytes]) -> dict:
 def decode_request(fields: Mapping[bytes | str, bytes], *, reward: str,
                    limits: RequestLimits | None = None) -> tuple[RewardRequest, np.ndarray]:
     """A stream entry → its request and (N, H, W, C) uint8 images, or a ContractError naming why."""
+    limits = limits or RequestLimits()
     raw_meta, data = _field(fields, FIELD_META), _field(fields, FIELD_IMAGES)
     if raw_meta is None or data is None:
         names = sorted(k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in fields)
         raise ContractError("malformed", f"entry needs fields {FIELD_META!r} and {FIELD_IMAGES!r}, "
                             f"got {names}")
+    if len(raw_meta) > limits.max_meta_bytes:
+        raise ContractError("too_large", f"{FIELD_META!r} of {len(raw_meta)} bytes exceeds the "
+                            f"limit of {limits.max_meta_bytes}")
     try:
         doc = json.loads(raw_meta)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ContractError("malformed", f"{FIELD_META!r} is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # ValueError covers UnicodeDecodeError
+        raise ContractError("malformed", f"{FIELD_META!r} is not JSON: "
+                            f"{'nested too deeply' if isinstance(e, RecursionError) else e}") from None
     if not isinstance(doc, dict):
         raise ContractError("malformed", f"{FIELD_META!r} must be a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")
@@ -372,6 +444,26 @@ def decode_request(fields: Mapping[bytes | str, bytes], *, reward: str,
         raise ContractError("prompt_count", f"{request.images.count} images but "
                             f"{len(request.prompts)} prompts")
     return request, decode_images(request.images, data, limits)
+
+
+def request_digest(request: RewardRequest, data: bytes) -> str:
+    """SHA-256 (hex) of what a request asks: reward, prompts, image metadata and bytes.
+
+    Not of its id, reply list, time or attempt: a resubmission has the digest of its original,
+    a request reusing another's id with other images or prompts has another.
+    """
+    what = json.dumps({"reward": request.reward, "prompts": request.prompts,
+                       "images": request.images.model_dump(mode="json")},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    h = hashlib.sha256(len(what).to_bytes(8, "big"))
+    h.update(what)
+    h.update(data)
+    return h.hexdigest()
+
+
+def entry_digest(request: RewardRequest, fields: Mapping[bytes | str, bytes]) -> str:
+    """The :func:`request_digest` of a decoded request's stream entry."""
+    return request_digest(request, _field(fields, FIELD_IMAGES) or b"")
 
 
 def encode_result(result: RewardResult) -> bytes:

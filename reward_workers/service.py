@@ -1,24 +1,41 @@
 """A reward model as a separate service: a consumer of the reward's Redis request stream.
 
+Reading: entries are taken by a server-side script (XREADGROUP, or XAUTOCLAIM for entries
+idle past ``claim_idle_s`` in a dead or stuck consumer) that measures each entry in Redis and
+hands over the fields of one larger than ``limits.max_entry_bytes`` only where they are small
+(the ``meta`` that names the request): an oversized payload never leaves Redis. Only when that
+finds nothing does the service block in XREADGROUP COUNT 1 to wait for work; the one entry such
+a wait can deliver is measured on arrival (so at most one entry per wait, itself bounded by
+Redis's client-query-buffer-limit, is read before its size is known).
+
 Per stream entry, in this order (each step idempotent, so a crash anywhere only repeats work):
 
-1. decode and validate (contract.py); a broken entry goes to the dead-letter stream with its
-   reason and, when the request id and reply list are readable, an error result is written
-   so the client fails fast;
+1. measure and decode (contract.py: entry, meta and declared pixel bounds before anything is
+   allocated); a broken entry goes to the dead-letter stream with its reason and, when the
+   request id and reply list are readable, an error result is written so the client fails fast;
 2. if a result (or the consumed marker) already exists under the request id, do not score
-   again: re-notify (the first notification may be what was lost) and ack;
+   again: if it is bound to this request's content digest, re-notify (the first notification
+   may be what was lost) and ack; if to another's (a reused id), dead-letter this entry as
+   ``id_reused`` and notify its client, whose own check names the id;
 3. score; if the reward raises, leave the entry pending, marked idle enough to be reclaimed
    (by any service) after ``retry_after_s``; dead-letter it once it failed ``max_deliveries``
    deliveries;
 4. write the result with SET NX EX (a second processing never overwrites), push the request
    id onto the client's reply list, then XACK and XDEL the entry.
 
-Entries a dead or stuck consumer holds longer than ``claim_idle_s`` are taken over with
-XAUTOCLAIM. SIGTERM / SIGINT: finish the batch in hand, ack it, exit 0.
+Any other exception while handling one entry (a bug, a decoder surprise) dead-letters that
+entry as ``internal`` and the service goes on: one request never takes a worker down.
+Redis errors are not caught there: the entry stays pending and is retried or reclaimed.
+SIGTERM / SIGINT: finish the batch in hand, ack it, exit 0.
 
 A dead letter (an entry of ``StreamLayout.dead``) has the fields ``reason`` (a
-ContractReason or ``max_deliveries``), ``error`` (the message), ``entry_id``, ``stream``,
-``consumer``, ``deliveries``, ``time``, and the original entry's fields as ``orig.<name>``.
+ContractReason, ``max_deliveries`` or ``internal``), ``error`` (the message), ``entry_id``,
+``stream``, ``consumer``, ``deliveries``, ``time``, ``request_id`` (when readable), ``bytes``
+(the entry's size) and, per original field (the first ``DEAD_FIELDS``), ``orig.<name>.bytes``;
+fields other than the images are kept as ``orig.<name>`` up to ``dead_keep_bytes`` in all
+(``orig.<name>.truncated`` = 1 where cut). Images are never kept. The stream is trimmed by
+count (``dead_maxlen``) and age (``dead_max_age_s``), so it holds at most about
+``dead_maxlen × (dead_keep_bytes + 1 KiB)``.
 
 Run: ``python -m reward_workers.service --reward digits_classifier --redis-url redis://...``.
 """
@@ -36,6 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +62,7 @@ from reward_workers import metrics
 from reward_workers.base import Reward
 from reward_workers.client import RedisUnreachable, check_binary, connect, redact_url
 from reward_workers.contract import (
+    FIELD_IMAGES,
     REQUEST_ID_PATTERN,
     RESULT_CONSUMED,
     ContractError,
@@ -52,11 +71,66 @@ from reward_workers.contract import (
     StreamLayout,
     decode_request,
     encode_result,
+    entry_digest,
     peek_request,
+    stored_digest,
 )
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
+DEAD_FIELDS = 16
+"""A dead letter records the sizes of at most this many of the original entry's fields."""
+
+# Takes up to COUNT entries for this consumer (XREADGROUP ">" or XAUTOCLAIM) and measures them
+# in Redis. Per entry: {id, deliveries, bytes, n_fields, {name, length, ...} (first DEAD_FIELDS),
+# fields}, where an entry over the byte limit keeps only its fields of at most `small` bytes.
+# KEYS[1] stream; ARGV: mode ("new" | "claim"), group, consumer, count, limit, small,
+# min_idle_ms, start, dead_fields. Returns {next claim cursor, entries}.
+_TAKE_SCRIPT = """
+local mode, group, consumer, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit, small, nsizes = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[9])
+local cursor, entries = '0-0', {}
+if mode == 'new' then
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', KEYS[1], '>')
+  if r then entries = r[1][2] end
+else
+  local r = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[7], ARGV[8], 'COUNT', count)
+  cursor, entries = r[1], r[2]
+end
+local out = {}
+for _, e in ipairs(entries) do
+  local id, fields = e[1], e[2]
+  if fields then
+    local deliveries = 1
+    if mode ~= 'new' then
+      local p = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
+      deliveries = p[1] and p[1][4] or 0
+    end
+    if deliveries > 0 then
+      local total, sizes = 0, {}
+      for j = 1, #fields, 2 do
+        total = total + #fields[j] + #fields[j + 1]
+        if j < 2 * nsizes then
+          sizes[#sizes + 1] = fields[j]
+          sizes[#sizes + 1] = #fields[j + 1]
+        end
+      end
+      local kept = fields
+      if total > limit then
+        kept = {}
+        for j = 1, #fields, 2 do
+          if #fields[j + 1] <= small and #kept < 2 * nsizes then
+            kept[#kept + 1] = fields[j]
+            kept[#kept + 1] = fields[j + 1]
+          end
+        end
+      end
+      out[#out + 1] = {id, deliveries, total, #fields / 2, sizes, kept}
+    end
+  end
+end
+return {cursor, out}
+"""
 
 
 def _valid_id(request_id: object) -> bool:
@@ -88,7 +162,11 @@ class ServiceConfig(BaseModel):
     retry_after_s: float = Field(1.0, ge=0, description="a request whose scoring raised is retried "
                                  "(redelivered) after this long, not after claim_idle_s")
     result_ttl_s: int = Field(3600, ge=1, description="lifetime of results and reply lists in Redis")
-    dead_maxlen: int = Field(10_000, ge=1, description="approximate cap on the dead-letter stream")
+    dead_maxlen: int = Field(10_000, ge=1, description="most entries kept in the dead-letter stream")
+    dead_max_age_s: float = Field(7 * 86400.0, gt=0, description="dead letters older than this "
+                                  "are trimmed (by stream id, i.e. Redis's clock)")
+    dead_keep_bytes: int = Field(16 * 1024, ge=0, description="bytes of the original entry's "
+                                 "non-image fields a dead letter keeps (the images never)")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="accepted request sizes")
 
     def layout(self) -> StreamLayout:
@@ -114,6 +192,7 @@ class RewardService:
         self._depth = metrics.SERVICE_QUEUE_DEPTH.labels(name)
         self._pending = metrics.SERVICE_PENDING.labels(name)
         self._next_queue_sample = 0.0
+        self._take_script = client.register_script(_TAKE_SCRIPT)
 
     # ------------------------------------------------------------------ the loop
 
@@ -167,10 +246,15 @@ class RewardService:
             handled += self._handle_all(self._reclaim())
         if self.stop_event.is_set():
             return handled
-        resp = self.redis.xreadgroup(self.layout.group, self.config.consumer,
-                                     {self.layout.requests: ">"}, count=self.config.batch,
-                                     block=self.config.block_ms)
-        entries = [(eid, fields, 1) for _, batch in (resp or []) for eid, fields in batch]
+        entries = self._take("new")
+        if not entries:
+            # nothing waiting: block until something comes. What this read delivers is measured
+            # only on arrival, so it takes one entry; the script measures all the others
+            resp = self.redis.xreadgroup(self.layout.group, self.config.consumer,
+                                         {self.layout.requests: ">"}, count=1,
+                                         block=self.config.block_ms)
+            entries = [_Entry.measured(eid, fields, self.config.limits)
+                       for _, batch in (resp or []) for eid, fields in batch]
         return handled + self._handle_all(entries)
 
     def sample_queue(self) -> tuple[int | None, int]:
@@ -189,70 +273,104 @@ class RewardService:
         self._pending.set(pending)
         return (None if lag is None else int(lag)), pending
 
-    def _handle_all(self, entries: list[tuple[bytes, dict, int]]) -> int:
-        for entry_id, fields, deliveries in entries:
-            self.handle(entry_id, fields, deliveries)
+    def _handle_all(self, entries: list[_Entry]) -> int:
+        for e in entries:
+            self.handle(e.entry_id, e.fields, e.deliveries, size=e.size)
         return len(entries)
 
-    def _reclaim(self) -> list[tuple[bytes, dict, int]]:
-        """XAUTOCLAIM entries idle past claim_idle_s, with their delivery counts (XPENDING)."""
-        resp = self.redis.xautoclaim(self.layout.requests, self.layout.group, self.config.consumer,
-                                     min_idle_time=int(self.config.claim_idle_s * 1000),
-                                     start_id=self._claim_cursor, count=self.config.batch)
-        cursor, claimed = resp[0], resp[1]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        if self._claim_cursor != "0-0":
-            self._next_claim = 0.0  # more idle entries behind these: claim again next cycle
-        claimed = [(eid, fields) for eid, fields in claimed if fields is not None]
-        if not claimed:
-            return []
-        self._reclaimed.inc(len(claimed))
-        pipe = self.redis.pipeline(transaction=False)
-        for eid, _ in claimed:
-            pipe.xpending_range(self.layout.requests, self.layout.group, eid, eid, 1,
-                                consumername=self.config.consumer)
-        counts = {p["message_id"]: p["times_delivered"] for rows in pipe.execute() for p in rows}
-        log.info("reclaimed %d idle entr%s", len(claimed), "y" if len(claimed) == 1 else "ies")
-        # the claim itself counted as a delivery; an entry no longer pending was acked meanwhile
-        return [(eid, f, counts[eid]) for eid, f in claimed if eid in counts]
+    def _take(self, mode: Literal["new", "claim"]) -> list[_Entry]:
+        """Up to ``batch`` entries, new or reclaimed, measured in Redis (see _TAKE_SCRIPT)."""
+        limits = self.config.limits
+        cursor, rows = self._take_script(
+            keys=[self.layout.requests],
+            args=[mode, self.layout.group, self.config.consumer, self.config.batch,
+                  limits.max_entry_bytes, limits.max_meta_bytes,
+                  int(self.config.claim_idle_s * 1000), self._claim_cursor, DEAD_FIELDS])
+        entries = [_Entry.from_script(row) for row in rows]
+        if mode == "claim":
+            self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            if self._claim_cursor != "0-0":
+                self._next_claim = 0.0  # more idle entries behind these: claim again next cycle
+            if entries:
+                self._reclaimed.inc(len(entries))
+                log.info("reclaimed %d idle entr%s", len(entries), "y" if len(entries) == 1 else "ies")
+        return entries
+
+    def _reclaim(self) -> list[_Entry]:
+        """XAUTOCLAIM entries idle past claim_idle_s, with their delivery counts (the claim
+        itself counted as one)."""
+        return self._take("claim")
 
     # ------------------------------------------------------------------ one entry
 
-    def handle(self, entry_id: bytes, fields: dict, deliveries: int) -> None:
-        """Take one entry to its end: result + ack, dead letter + ack, or pending for a retry."""
-        started = time.perf_counter()
+    def handle(self, entry_id: bytes, fields: dict, deliveries: int, size: _Size | None = None) -> None:
+        """Take one entry to its end: result + ack, dead letter + ack, or pending for a retry.
+
+        size: what Redis measured (the script); None measures ``fields`` here. An unexpected
+        exception dead-letters the entry (reason ``internal``) instead of reaching the loop.
+        """
         eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        size = size or _Size.of(fields)
+        try:
+            self._handle(eid, fields, deliveries, size)
+        except (redis.RedisError, KeyboardInterrupt, SystemExit):
+            raise  # the entry stays pending: retried here or reclaimed elsewhere
+        except Exception as e:  # a bug or a decoder surprise: this entry's problem, not the worker's
+            error = _describe(e)
+            log.exception("request entry %s broke the handler: %s", eid, error)
+            self._outcomes["rejected"].inc()
+            peek = _safe_peek(fields)
+            self._dead_letter(eid, fields, "internal", f"unexpected {error}", deliveries,
+                              peek.get("request_id"), peek.get("reply_to"), size)
+
+    def _handle(self, eid: str, fields: dict, deliveries: int, size: _Size) -> None:
+        started = time.perf_counter()
         if deliveries > self.config.max_deliveries:
             # checked before decoding: the decoder itself may be what kills consumers
-            self._give_up(eid, fields, deliveries)
+            self._give_up(eid, fields, deliveries, size)
             return
+        limits = self.config.limits
         try:
-            request, images = decode_request(fields, reward=self.config.reward, limits=self.config.limits)
+            if size.total > limits.max_entry_bytes:
+                raise ContractError("too_large", f"stream entry of {size.total} bytes exceeds the "
+                                    f"limit of {limits.max_entry_bytes} (images {size.of_field(FIELD_IMAGES)} "
+                                    f"bytes, limit {limits.max_bytes})")
+            request, images = decode_request(fields, reward=self.config.reward, limits=limits)
         except ContractError as e:
             self._outcomes["rejected"].inc()
-            peek = peek_request(fields)
+            peek = _safe_peek(fields)
             self._dead_letter(eid, fields, e.reason, str(e), deliveries,
-                              peek.get("request_id"), peek.get("reply_to"))
+                              peek.get("request_id"), peek.get("reply_to"), size)
             return
         rid = request.request_id
+        digest = entry_digest(request, fields)
         result_key = self.layout.result_key(rid)
         existing = self.redis.get(result_key)
         if existing is not None:
+            bound_to = stored_digest(existing)
+            if bound_to and bound_to != digest:
+                self._outcomes["rejected"].inc()
+                # the key answers another request: leave it; this client learns it from the key
+                self._dead_letter(eid, fields, "id_reused", f"request id {rid} was already used "
+                                  f"for other images or prompts (digest {bound_to[:16]}…, this "
+                                  f"request {digest[:16]}…)", deliveries, rid, request.reply_to,
+                                  size, notify=True)
+                return
             self._outcomes["duplicate"].inc()
-            self._finish(eid, rid, request.reply_to, notify=existing != RESULT_CONSUMED)
+            self._finish(eid, rid, request.reply_to, notify=not existing.startswith(RESULT_CONSUMED))
             return
         try:
             output = self.reward_model(images, list(request.prompts))
             result = RewardResult.from_output(rid, self.config.reward, output, len(images),
-                                              worker=self.config.consumer)
+                                              worker=self.config.consumer, digest=digest)
         except Exception as e:  # any reward failure is retried, then dead-lettered
             self._outcomes["failed"].inc()
-            error = f"{type(e).__name__}: {e}"
+            error = _describe(e)
             log.warning("request %s (entry %s, delivery %d of %d) failed: %s", rid, eid,
                         deliveries, self.config.max_deliveries, error)
             if deliveries >= self.config.max_deliveries:
                 self._dead_letter(eid, fields, "max_deliveries", self._failure_message(
-                    eid, deliveries, error), deliveries, rid, request.reply_to)
+                    eid, deliveries, error), deliveries, rid, request.reply_to, size)
                 self._outcomes["dead"].inc()
             else:
                 self._retry_soon(eid, error)
@@ -280,17 +398,17 @@ class RewardService:
         self._claim_cursor = "0-0"  # the next scan must not start past this entry
         self._next_claim = min(self._next_claim, time.monotonic() + self.config.retry_after_s)
 
-    def _give_up(self, eid: str, fields: dict, deliveries: int) -> None:
+    def _give_up(self, eid: str, fields: dict, deliveries: int, size: _Size) -> None:
         """An entry delivered more often than allowed without an ack (its consumers died on it)."""
-        peek = peek_request(fields)
+        peek = _safe_peek(fields)
         rid, reply_to = peek.get("request_id"), peek.get("reply_to")
         existing = self.redis.get(self.layout.result_key(rid)) if _valid_id(rid) else None
-        if existing is not None:  # answered after all; only the ack was lost
+        if existing is not None:  # answered after all (or refused); only the ack was lost
             self._outcomes["duplicate"].inc()
-            self._finish(eid, rid, reply_to, notify=existing != RESULT_CONSUMED)
+            self._finish(eid, rid, reply_to, notify=not existing.startswith(RESULT_CONSUMED))
             return
         self._dead_letter(eid, fields, "max_deliveries", self._failure_message(
-            eid, deliveries, "no result after the earlier deliveries"), deliveries, rid, reply_to)
+            eid, deliveries, "no result after the earlier deliveries"), deliveries, rid, reply_to, size)
         self._outcomes["dead"].inc()
 
     def _write_result(self, key: str, value: bytes) -> bool:
@@ -317,18 +435,38 @@ class RewardService:
         return f"failed {deliveries} deliveries (max {self.config.max_deliveries}): {last}{earlier}"
 
     def _dead_letter(self, eid: str, fields: dict, reason: str, message: str, deliveries: int,
-                     request_id: object, reply_to: object) -> None:
-        """Move an entry to the dead-letter stream; tell its client when it can be named."""
+                     request_id: object, reply_to: object, size: _Size, notify: bool = False) -> None:
+        """Move an entry's description (not its images) to the dead-letter stream, trimmed by
+        count and age; tell its client when it can be named (an error result, or with
+        ``notify`` a bare notification: the result key already answers, see id_reused)."""
         log.warning("dead letter %s (%s): %s", eid, reason, message)
         letter: dict[str, bytes | str | int] = {
-            "reason": reason, "error": message, "entry_id": eid, "stream": self.layout.requests,
-            "consumer": self.config.consumer, "deliveries": deliveries, "time": f"{time.time():.3f}"}
-        for k, v in fields.items():
-            letter[f"orig.{k.decode(errors='replace') if isinstance(k, bytes) else k}"] = v
-        self.redis.xadd(self.layout.dead, letter, maxlen=self.config.dead_maxlen, approximate=True)
-        metrics.SERVICE_DEAD_LETTERS.labels(self.config.reward, reason).inc()
-        notify = False
+            "reason": reason, "error": message[:4000], "entry_id": eid, "stream": self.layout.requests,
+            "consumer": self.config.consumer, "deliveries": deliveries, "time": f"{time.time():.3f}",
+            "bytes": size.total, "fields": size.count}
         if _valid_id(request_id):
+            letter["request_id"] = request_id
+        for name, length in size.fields[:DEAD_FIELDS]:
+            letter[f"orig.{name}.bytes"] = length
+        budget = self.config.dead_keep_bytes
+        for k, v in list(fields.items())[:DEAD_FIELDS]:
+            name = k.decode(errors="replace") if isinstance(k, bytes) else str(k)
+            if name == FIELD_IMAGES or budget <= 0:
+                continue
+            v = v if isinstance(v, bytes) else str(v).encode()
+            letter[f"orig.{name}"] = v[:budget]
+            if len(v) > budget:
+                letter[f"orig.{name}.truncated"] = 1
+            budget -= min(len(v), budget)
+        # one trim strategy per command: XADD trims by age (MINID), XTRIM by count; exact, as
+        # dead letters are rare and an approximate trim leaves up to a whole node of them
+        min_id = max(0, int((time.time() - self.config.dead_max_age_s) * 1000))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.layout.dead, letter, minid=f"{min_id}-0", approximate=False)
+        pipe.xtrim(self.layout.dead, maxlen=self.config.dead_maxlen, approximate=False)
+        pipe.execute()
+        metrics.SERVICE_DEAD_LETTERS.labels(self.config.reward, reason).inc()
+        if _valid_id(request_id) and not notify:
             error = RewardResult(request_id=request_id, reward=self.config.reward, ok=False,
                                  error=f"{reason}: {message}", worker=self.config.consumer)
             notify = self._write_result(self.layout.result_key(request_id), encode_result(error))
@@ -345,6 +483,65 @@ class RewardService:
                                               self.config.consumer)
         except redis.RedisError as e:
             log.warning("could not leave the consumer group cleanly: %s", e)
+
+
+class _Size:
+    """An entry's size: total bytes (names and values), field count, (name, length) per field."""
+
+    __slots__ = ("total", "count", "fields")
+
+    def __init__(self, total: int, count: int, fields: list[tuple[str, int]]) -> None:
+        self.total, self.count, self.fields = total, count, fields
+
+    @classmethod
+    def of(cls, fields: dict) -> _Size:
+        sizes = [(k.decode(errors="replace") if isinstance(k, bytes) else str(k), len(v))
+                 for k, v in fields.items()]
+        return cls(sum(len(k) + n for k, n in sizes), len(sizes), sizes)
+
+    def of_field(self, name: str) -> int | None:
+        return next((n for k, n in self.fields if k == name), None)
+
+
+class _Entry:
+    """One stream entry taken by this consumer, with its delivery count and size."""
+
+    __slots__ = ("entry_id", "fields", "deliveries", "size")
+
+    def __init__(self, entry_id: bytes, fields: dict, deliveries: int, size: _Size) -> None:
+        self.entry_id, self.fields, self.deliveries, self.size = entry_id, fields, deliveries, size
+
+    @classmethod
+    def from_script(cls, row: list) -> _Entry:
+        eid, deliveries, total, count, sizes, kept = row
+        pairs = [(sizes[i].decode(errors="replace"), int(sizes[i + 1])) for i in range(0, len(sizes), 2)]
+        fields = {kept[i]: kept[i + 1] for i in range(0, len(kept), 2)}
+        return cls(eid, fields, int(deliveries), _Size(int(total), int(count), pairs))
+
+    @classmethod
+    def measured(cls, entry_id: bytes, fields: dict, limits: RequestLimits) -> _Entry:
+        """An entry a blocking read delivered whole: measured here; the payload of one over
+        the limit is dropped at once (the handler sees only its small fields)."""
+        size = _Size.of(fields)
+        if size.total > limits.max_entry_bytes:
+            fields = {k: v for k, v in fields.items() if len(v) <= limits.max_meta_bytes}
+        return cls(entry_id, fields, 1, size)
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message`` of an exception, even one whose message cannot be rendered."""
+    try:
+        text = str(e)
+    except Exception:
+        text = "<message not printable>"
+    return f"{type(e).__name__}: {text}"[:2000]
+
+
+def _safe_peek(fields: dict) -> dict:
+    try:
+        return peek_request(fields)
+    except Exception:
+        return {}
 
 
 # ------------------------------------------------------------------ command line
@@ -372,6 +569,19 @@ def build_parser(prog: str = "python -m reward_workers.service") -> argparse.Arg
     p.add_argument("--batch", type=int, default=4, help="entries read per XREADGROUP")
     p.add_argument("--block-ms", type=int, default=1000, help="longest wait of one XREADGROUP")
     p.add_argument("--result-ttl-s", type=int, default=3600, help="lifetime of results in Redis")
+    defaults = RequestLimits()
+    p.add_argument("--max-images", type=int, default=defaults.max_images, help="most images in one request")
+    p.add_argument("--max-side", type=int, default=defaults.max_side, help="largest image height or width")
+    p.add_argument("--max-pixels-per-image", type=int, default=defaults.max_pixels_per_image,
+                   help="most pixels (H·W) of one image, checked before decoding")
+    p.add_argument("--max-pixels-per-request", type=int, default=defaults.max_pixels_per_request,
+                   help="most pixels (N·H·W) in one request, checked before decoding")
+    p.add_argument("--max-bytes", type=int, default=defaults.max_bytes,
+                   help="largest encoded image payload; larger entries are never read out of Redis")
+    p.add_argument("--max-meta-bytes", type=int, default=defaults.max_meta_bytes,
+                   help="largest request metadata (JSON with the prompts)")
+    p.add_argument("--dead-maxlen", type=int, default=10_000, help="most entries kept as dead letters")
+    p.add_argument("--dead-max-age-s", type=float, default=7 * 86400.0, help="dead letters older than this are trimmed")
     return p
 
 
@@ -389,9 +599,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m reward_worker
             reward=args.reward, stream=args.stream, group=args.group, dead_stream=args.dead_stream,
             consumer=args.consumer, batch=args.batch, block_ms=args.block_ms,
             claim_idle_s=args.claim_idle_s, max_deliveries=args.max_deliveries,
-            retry_after_s=args.retry_after_s,
-            result_ttl_s=args.result_ttl_s).items() if v is not None}
-        config = ServiceConfig(**kw)
+            retry_after_s=args.retry_after_s, result_ttl_s=args.result_ttl_s,
+            dead_maxlen=args.dead_maxlen, dead_max_age_s=args.dead_max_age_s).items() if v is not None}
+        config = ServiceConfig(**kw, limits=RequestLimits(
+            max_images=args.max_images, max_side=args.max_side,
+            max_pixels_per_image=args.max_pixels_per_image,
+            max_pixels_per_request=args.max_pixels_per_request, max_bytes=args.max_bytes,
+            max_meta_bytes=args.max_meta_bytes))
     except ValidationError as e:
         problems = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
                              for err in e.errors(include_url=False))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,10 +74,6 @@ def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str]
                   adapter_only: bool = False) -> None:
     """Write the transformer's weights and config to one safetensors file (config in metadata);
     ``adapter_only``: only the LoRA adapter's tensors (the base stays where it came from)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"transformer_config": json.dumps(dict(model.transformer.config)), **(metadata or {})}
     if is_adapted(model):
         meta["lora"] = json.dumps(lora_settings(model))
@@ -81,15 +81,75 @@ def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str]
              if is_adapter_key(k) or not adapter_only}
     if adapter_only:
         meta["adapter_only"] = "1"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_tensors(path, state, meta)
 
 
-def _read_policy_file(path: Path | str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a file written by ``save_velocity``; clear errors for anything else."""
+# ---- tensor files that carry their own digest ---------------------------------------------
+# Every safetensors file fmrl writes (policies, checkpoints' rollout and optimizer files)
+# records in its metadata a SHA-256 over its tensors and its other metadata, and every load
+# verifies it: the digest travels with the file, so a file hard-linked into a run's
+# checkpoint/ or copied anywhere on its own is covered as well as the checkpoint it came from.
+DIGEST_KEY = "fmrl_sha256"
+
+
+def tensors_digest(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over a file's metadata (less the digest itself) and its tensors' names, dtypes,
+    shapes and bytes (``state_checksum``)."""
+    meta = {k: v for k, v in metadata.items() if k != DIGEST_KEY}
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    h.update(state_checksum(state).encode())
+    return h.hexdigest()
+
+
+def save_tensors(path: Path | str, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``state`` and ``metadata`` (plus their digest) to ``path`` whole or not at all: into a
+    fresh temporary file beside it, flushed to disk, then renamed over ``path`` (a link planted
+    at either name is replaced, never written through)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**metadata, DIGEST_KEY: tensors_digest(state, metadata)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.close(fd)
+        save_file(state, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is read by other processes
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _damaged(path: Path, exc: Exception) -> ValueError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"{path} is not a readable safetensors checkpoint (damaged or truncated?): {first}")
+
+
+def tensor_file_metadata(path: Path | str) -> dict[str, str]:
+    """The metadata of a safetensors file, reading its header only: a missing file, or one cut
+    short (its header describes more bytes than it holds), fails here, naming it, without the
+    cost of reading and hashing its tensors (``read_tensors`` does that)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise _damaged(path, exc) from None
+
+
+def read_tensors(path: Path | str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, its digest verified. A damaged, truncated or
+    altered file is a one-line ``ValueError`` naming it; a file written before fmrl recorded
+    digests loads with a warning."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -97,12 +157,36 @@ def _read_policy_file(path: Path | str) -> tuple[dict[str, str], dict[str, torch
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path))
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no mapping
     except Exception as exc:  # safetensors raises several types for a damaged file
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
+        raise _damaged(path, exc) from None
+    want = meta.get(DIGEST_KEY)
+    if want is None:
+        warnings.warn(f"{path} records no SHA-256 digest (written before fmrl recorded them): loaded unverified",
+                      stacklevel=2)
+    elif tensors_digest(state, meta) != want:
+        raise ValueError(f"{path} is corrupt: its SHA-256 digest differs from the one recorded when it was "
+                         "written (damaged on disk or in transfer); refusing to load it")
+    return meta, state
+
+
+def _read_policy_file(path: Path | str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a file written by ``save_velocity``; clear errors for anything else."""
+    meta, state = read_tensors(path)
     if "transformer_config" not in meta:
         raise ValueError(f"{path} has no transformer_config metadata; not an fmrl policy checkpoint")
     return meta, state
+
+
+def _metadata_object(meta: dict[str, str], key: str, path: Path | str) -> dict[str, Any]:
+    """A JSON object stored in a policy file's metadata, or an error naming the file and key."""
+    try:
+        value = json.loads(meta[key])
+    except ValueError as exc:
+        raise ValueError(f"{path}: its {key} metadata is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: its {key} metadata is not a JSON object (got {type(value).__name__})")
+    return value
 
 
 def load_velocity(path: Path | str) -> SD3Velocity:
@@ -111,10 +195,14 @@ def load_velocity(path: Path | str) -> SD3Velocity:
     if meta.get("adapter_only") == "1":
         raise ValueError(f"{path} holds only a LoRA adapter; load it onto the policy it adapts "
                          "(the run's policy.checkpoint or policy.pretrained)")
-    config = {k: v for k, v in json.loads(meta["transformer_config"]).items() if not k.startswith("_")}
-    model = build_sd3_velocity(config)
+    config = {k: v for k, v in _metadata_object(meta, "transformer_config", path).items() if not k.startswith("_")}
+    try:
+        model = build_sd3_velocity(config)
+    except (TypeError, ValueError) as exc:  # an unknown option, a value of the wrong type
+        raise ValueError(f"{path}: its transformer_config does not build a transformer: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from exc
     if "lora" in meta:
-        add_lora(model, **json.loads(meta["lora"]))
+        add_lora(model, **_metadata_object(meta, "lora", path))
     missing, unexpected = model.transformer.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -18,11 +20,54 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _config_field(section: str, name: str) -> Callable[[str], Any]:
+    """An argparse type: the text read as config field ``section.name`` (its type, bounds and
+    finiteness), so a flag and the key it mirrors refuse the same values."""
+    def parse(text: str) -> Any:
+        from services import config
+
+        try:
+            return config.field_value(getattr(config, section), name, text)
+        except config.ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _count(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type for an integer option in [lo, hi] (steps, epochs, seeds, sizes)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi}, got {value}")
+        return value
+
+    return parse
+
+
+_SEED = _count(0, 2**32 - 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error; an OSError as 'what: path' (its errno prefix says nothing)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {exc.filename}" + (f" → {exc.filename2}" if exc.filename2 else "")
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 500 else f"{line[:500]}…"
+
+
 def _config_name(path: str | None) -> str:
     return Path(path).stem if path else "digits_ac_flow"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from services.checkpoints import check_run_dir
     from services.config import load_config
     from services.driver import train
 
@@ -34,6 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "give only --set overrides (e.g. run.iterations=400)")
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+        check_run_dir(run_dir)  # before its config.yaml is read: it may be a link out of the run
+        # train() refuses overrides a resumed run cannot honour, and writes config.yaml only
+        # once the checkpoint has loaded
         overrides += [f"run.name={run_dir.name}", f"run.out_dir={run_dir.parent}"]
         train(load_config(run_dir / "config.yaml", overrides), resume=run_dir)
         return 0
@@ -82,8 +130,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt]
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("give at least one non-blank --prompt")
-    if args.n < 1:
-        raise ValueError(f"-n must be at least 1, got {args.n}")
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must name a .npz file, got {out}")
@@ -175,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a checkpoint directory or a policy .safetensors")
     e.add_argument("--config", help="config for a checkpoint outside a run directory (default: built-in)")
     e.add_argument("--prompts", help="a file of prompts, one per line (default: the config's)")
-    e.add_argument("-n", type=int, help="samples per prompt (default: eval.samples_per_prompt)")
+    e.add_argument("-n", type=_config_field("EvalConfig", "samples_per_prompt"),
+                   help="samples per prompt (default: eval.samples_per_prompt)")
     e.add_argument("--out", help="output directory (default: <run>/eval-<UTC time>)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     e.set_defaults(func=cmd_eval)
@@ -188,39 +235,42 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a checkpoint into an .npz file")
     s.add_argument("--checkpoint", required=True, help="policy .safetensors, checkpoint dir or run dir")
     s.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    s.add_argument("-n", type=int, default=64, help="samples per prompt")
+    s.add_argument("-n", type=_config_field("RolloutConfig", "samples_per_prompt"), default=64,
+                   help="samples per prompt")
     s.add_argument("--out", required=True, help="output .npz (arrays images, prompts)")
-    s.add_argument("--steps", type=int, default=10, help="Euler steps")
-    s.add_argument("--shift", type=float, default=1.0, help="SD3 time shift")
-    s.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=_config_field("PolicyConfig", "num_steps"), default=10, help="Euler steps")
+    s.add_argument("--shift", type=_config_field("PolicyConfig", "shift"), default=1.0, help="SD3 time shift")
+    s.add_argument("--cfg-scale", type=_config_field("PolicyConfig", "cfg_scale"), default=1.0,
+                   help="classifier-free guidance scale")
+    s.add_argument("--seed", type=_config_field("RunConfig", "seed"), default=0)
     s.set_defaults(func=cmd_sample)
 
     pt = sub.add_parser("pretrain-digits", help="pretrain the digits policy by flow matching")
     pt.add_argument("--out", default=str(POLICY_FILE))
-    pt.add_argument("--steps", type=int, default=800,
+    pt.add_argument("--steps", type=_count(1, 10**7), default=800,
                     help="optimiser steps; the shipped model is deliberately short-trained (see README)")
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--eval-samples", type=int, default=50, help="samples per digit in the closing measurement")
+    pt.add_argument("--seed", type=_SEED, default=0)
+    pt.add_argument("--eval-samples", type=_count(1, 1024), default=50,
+                    help="samples per digit in the closing measurement")
     pt.set_defaults(func=cmd_pretrain)
 
     tc = sub.add_parser("train-classifier", help="train the digits reward classifier")
     tc.add_argument("--out", default=str(CLASSIFIER_FILE))
-    tc.add_argument("--epochs", type=int, default=60)
-    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--epochs", type=_count(1, 10**5), default=60)
+    tc.add_argument("--seed", type=_SEED, default=0)
     tc.set_defaults(func=cmd_train_classifier)
 
     tcl = sub.add_parser("train-digits-clip", help="train the digits CLIP (the CLIP reward of the digits world)")
     tcl.add_argument("--out", default=str(DIGITS_CLIP_DIR))
-    tcl.add_argument("--steps", type=int, default=1500)
-    tcl.add_argument("--seed", type=int, default=0)
+    tcl.add_argument("--steps", type=_count(1, 10**7), default=1500)
+    tcl.add_argument("--seed", type=_SEED, default=0)
     tcl.set_defaults(func=cmd_train_digits_clip)
 
     ts = sub.add_parser("make-tiny-sd3", help="write a tiny random StableDiffusion3Pipeline directory "
                         "(tests and offline SD3 runs; nothing is downloaded)")
     ts.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier tiny pipeline)")
-    ts.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    ts.add_argument("--resolution", type=int, default=32, help="image side in pixels (a multiple of 8)")
+    ts.add_argument("--seed", type=_SEED, default=0, help="seed of the random weights")
+    ts.add_argument("--resolution", type=_count(8, 4096), default=32, help="image side in pixels (a multiple of 8)")
     ts.set_defaults(func=cmd_make_tiny_sd3)
 
     rw = sub.add_parser("reward-worker", add_help=False,
@@ -249,12 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fmrl: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as exc:
+        # OSError: a taken metrics port, an out_dir that is a file, a disk that is full;
+        # ArithmeticError: the learner's non-finite gradient. FMRL_DEBUG=1 shows the traceback.
         if os.environ.get("FMRL_DEBUG"):
             raise
-        exc = _cause(exc)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fmrl: error: {msg}", file=sys.stderr)
+        print(f"fmrl: error: {_one_line(_cause(exc))}", file=sys.stderr)
         return 1
 
 

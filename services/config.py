@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from learner.settings import (
     ACFlowParams,
@@ -31,19 +40,37 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the problem."""
 
 
+def _not_bool(v: Any) -> Any:
+    # pydantic reads true as 1: `iterations: true` would run one iteration
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An int field: a bool is refused (tests/services/test_inputs.py walks the tree for this)."""
+Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]
+"""A float field: finite, and a bool is refused."""
+
+WEEK_S = 7 * 24 * 3600  # the longest wait a config may ask for (timedelta and socket limits lie far beyond)
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and every RNG we seed accept this range
+MAX_SAMPLES_PER_PROMPT = 1024  # one prompt's samples go through the policy as one batch
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: every float of the tree is finite, whatever its annotation says
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class RunConfig(_Strict):
     name: str | None = Field(None, description="Run directory name under out_dir; default: <config name>-<UTC time>.")
     out_dir: Path = Field(Path("runs"), description="Where run directories are created.")
-    iterations: int = Field(200, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
-    seed: int = Field(0, ge=0, description="Seeds rollout noise, learner draws and evaluation noise.")
+    iterations: Int = Field(200, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
+    seed: Int = Field(0, ge=0, le=SEED_MAX, description="Seeds rollout noise, learner draws and evaluation noise.")
     progress: bool = Field(True, description="Show a progress bar (iteration, reward, time left).")
-    checkpoint_every: int = Field(50, ge=0, description="Write a resumable checkpoint every this many iterations "
+    checkpoint_every: Int = Field(50, ge=0, description="Write a resumable checkpoint every this many iterations "
                                   "(0: only the final one); `fmrl train --resume runs/NAME` continues from the last.")
-    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept; older ones are deleted.")
+    keep_checkpoints: Int = Field(2, ge=1, description="Resumable checkpoints kept; older ones are deleted.")
 
     @field_validator("name")
     @classmethod
@@ -54,8 +81,8 @@ class RunConfig(_Strict):
 
 
 class LoRAConfig(_Strict):
-    rank: int = Field(32, ge=1, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    rank: Int = Field(32, ge=1, description="LoRA rank r.")
+    alpha: Float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
                                       description="Transformer layers that get an adapter (names or suffixes).")
 
@@ -74,18 +101,19 @@ class PolicyConfig(_Strict):
     pretrained: str | None = Field(None, description="sd3: a StableDiffusion3Pipeline directory (save_pretrained "
                                    "layout), or a hub id where a hub is reachable. `fmrl make-tiny-sd3` writes a "
                                    "tiny random one.")
-    resolution: int = Field(512, ge=8, description="sd3: image side in pixels (a multiple of the VAE factor × patch size).")
+    resolution: Int = Field(512, ge=8, description="sd3: image side in pixels (a multiple of the VAE factor × patch size).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="sd3: weights' dtype on the device.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="sd3: where samplers and the learner run "
                                                    "(auto: cuda when the actor has a GPU).")
-    max_sequence_length: int = Field(256, ge=1, le=512, description="sd3: T5 tokens per prompt.")
+    max_sequence_length: Int = Field(256, ge=1, le=512, description="sd3: T5 tokens per prompt.")
     lora: LoRAConfig | None = Field(None, description="Train a LoRA adapter instead of every weight (the reference "
                                     "is the adapter switched off; only the adapter is synced and checkpointed).")
-    num_steps: int = Field(10, ge=1, le=1000, description="Euler steps per rollout.")
-    shift: float = Field(1.0, gt=0, description="SD3 time shift of the sampling schedule (SD3 uses 3.0).")
-    cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance scale of training rollouts (1 = CFG-free).")
+    num_steps: Int = Field(10, ge=1, le=1000, description="Euler steps per rollout.")
+    shift: Float = Field(1.0, gt=0, le=100, description="SD3 time shift of the sampling schedule (SD3 uses 3.0).")
+    cfg_scale: Float = Field(1.0, ge=1.0, le=100, description="Classifier-free guidance scale of training rollouts "
+                            "(1 = CFG-free).")
     sampler: Literal["ode", "sde"] = Field("ode", description="Euler ODE rollouts, or Flow-GRPO's SDE with per-step log-probs.")
-    sde_a: float = Field(0.7, gt=0, description="Noise level a of the SDE sampler: σ_t = a·sqrt(t/(1 − t)).")
+    sde_a: Float = Field(0.7, gt=0, description="Noise level a of the SDE sampler: σ_t = a·sqrt(t/(1 − t)).")
 
 
 class RolloutConfig(_Strict):
@@ -93,9 +121,10 @@ class RolloutConfig(_Strict):
         default_factory=default_prompts,
         description="Prompts cycled through by the driver.",
     )
-    prompts_per_iteration: int | None = Field(
+    prompts_per_iteration: Int | None = Field(
         None, ge=1, description="Distinct prompts in one rollout batch, cycling through the list; default: all of them.")
-    samples_per_prompt: int = Field(16, ge=1, description="Rollouts of each prompt per iteration (the group size).")
+    samples_per_prompt: Int = Field(16, ge=1, le=MAX_SAMPLES_PER_PROMPT,
+                                    description="Rollouts of each prompt per iteration (the group size).")
     keep_states: bool = Field(True, description="Record intermediate states in trajectories (objectives on x_t need them).")
 
     @field_validator("prompts")
@@ -122,15 +151,15 @@ class RolloutConfig(_Strict):
 
 
 class ORWConfig(_Strict):
-    tau: float = Field(20.0, ge=0, description="Inverse temperature: w = exp(τ·r) (released code: 0.5; see docs/algorithms.md).")
-    alpha: float = Field(0.5, ge=0, description="Weight of the W2 regulariser α·‖v_θ − v_ref‖² (released code: 1).")
+    tau: Float = Field(20.0, ge=0, le=100, description="Inverse temperature: w = exp(τ·r) (released code: 0.5; see docs/algorithms.md).")
+    alpha: Float = Field(0.5, ge=0, description="Weight of the W2 regulariser α·‖v_θ − v_ref‖² (released code: 1).")
     normalize_weights: bool = Field(True, description="Divide w by its batch mean (an option; the released code does not).")
     coupling: Literal["independent", "minibatch_ot"] = Field("independent", description="Noise–sample coupling of the FM term.")
 
 
 class TrackerConfig(_Strict):
-    buffer_size: int = Field(32, ge=1, description="Rewards kept per prompt.")
-    min_count: int = Field(16, ge=1, description="Below this many, a prompt is normalised with batch statistics.")
+    buffer_size: Int = Field(32, ge=1, description="Rewards kept per prompt.")
+    min_count: Int = Field(16, ge=1, description="Below this many, a prompt is normalised with batch statistics.")
     global_std: bool = Field(False, description="Divide prompt-centred rewards by their std over the batch.")
 
     @model_validator(mode="after")
@@ -142,24 +171,24 @@ class TrackerConfig(_Strict):
 
 
 class ACFlowConfig(_Strict):
-    tau: float = Field(2.0, ge=0, description="Temperature of the critic weighting g(τ·A).")
-    alpha: float = Field(0.5, ge=0, description="Weight of the W2 regulariser.")
+    tau: Float = Field(2.0, ge=0, le=100, description="Temperature of the critic weighting g(τ·A).")
+    alpha: Float = Field(0.5, ge=0, description="Weight of the W2 regulariser.")
     weighting: Literal["exp", "linear", "softplus"] = Field("exp", description="Critic weighting family, normalised to mean 1.")
     shaping: Literal["none", "clip", "tanh"] = Field("tanh", description="Squash of per-prompt-normalised rewards.")
-    shaping_limit: float = Field(1.0, gt=0, description="Shaped rewards lie in [−limit, limit].")
-    advantage_clip: float | None = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max (null: no clipping).")
-    warmup_steps: int = Field(20, ge=0, description="K: learner steps during which the critic trains before it steers the actor.")
+    shaping_limit: Float = Field(1.0, gt=0, description="Shaped rewards lie in [−limit, limit].")
+    advantage_clip: Float | None = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max (null: no clipping).")
+    warmup_steps: Int = Field(20, ge=0, description="K: learner steps during which the critic trains before it steers the actor.")
     warmup_actor: Literal["frozen", "orw"] = Field("frozen", description="During warm-up the actor is frozen or uses ORW weights on r̃.")
-    critic_lr: float = Field(3e-3, gt=0, description="The critic's AdamW learning rate.")
-    critic_steps: int = Field(4, ge=1, description="Critic optimiser steps per learner step.")
-    critic_width: int = Field(32, ge=4, description="Channels of the critic (≈41 k parameters at 32 on the digits).")
+    critic_lr: Float = Field(3e-3, gt=0, description="The critic's AdamW learning rate.")
+    critic_steps: Int = Field(4, ge=1, description="Critic optimiser steps per learner step.")
+    critic_width: Int = Field(32, ge=4, description="Channels of the critic (≈41 k parameters at 32 on the digits).")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
 
 class AdvantageFlowConfig(_Strict):
-    gamma: float = Field(1.1, ge=0, description="γ: weight of the rollout-policy term ‖f_θ − f_old‖².")
-    lam: float = Field(1e-3, ge=0, description="λ: weight of the reference term ‖f_θ − f_ref‖².")
-    advantage_clip: float = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max.")
+    gamma: Float = Field(1.1, ge=0, description="γ: weight of the rollout-policy term ‖f_θ − f_old‖².")
+    lam: Float = Field(1e-3, ge=0, description="λ: weight of the reference term ‖f_θ − f_ref‖².")
+    advantage_clip: Float = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max.")
     adaptive_norm: bool = Field(False, description="Divide each loss by sg(max(mean|f_θ − x0|, 1e-5)) as DiffusionNFT does.")
     tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
 
@@ -172,16 +201,16 @@ class AdvantageFlowConfig(_Strict):
 
 
 class DiffusionNFTConfig(_Strict):
-    beta: float = Field(1.0, gt=0, description="β: step of the implicit positive/negative policies.")
-    advantage_clip: float = Field(5.0, gt=0, description="A_max of r = clip(A/A_max/2 + 0.5, 0, 1).")
-    ref_weight: float = Field(0.0, ge=0, description="Weight of a ‖v_θ − v_ref‖² term.")
+    beta: Float = Field(1.0, gt=0, description="β: step of the implicit positive/negative policies.")
+    advantage_clip: Float = Field(5.0, gt=0, description="A_max of r = clip(A/A_max/2 + 0.5, 0, 1).")
+    ref_weight: Float = Field(0.0, ge=0, description="Weight of a ‖v_θ − v_ref‖² term.")
     tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
 
 
 class FlowGRPOConfig(_Strict):
-    clip_eps: float = Field(1e-4, gt=0, description="ε of the clipped ratio (Flow-GRPO: 1e-4).")
-    kl_beta: float = Field(0.04, ge=0, description="β of the KL to the reference (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore).")
-    advantage_clip: float = Field(5.0, gt=0, description="Advantages clipped to ±A_max.")
+    clip_eps: Float = Field(1e-4, gt=0, description="ε of the clipped ratio (Flow-GRPO: 1e-4).")
+    kl_beta: Float = Field(0.04, ge=0, description="β of the KL to the reference (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore).")
+    advantage_clip: Float = Field(5.0, gt=0, description="Advantages clipped to ±A_max.")
     tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
 
 
@@ -195,15 +224,15 @@ class AlgorithmConfig(_Strict):
 
 
 class LearnerConfig(_Strict):
-    lr: float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
-    micro_batch_size: int = Field(80, ge=1, description="Rows per forward/backward; gradients accumulate over the batch.")
-    updates_per_batch: int = Field(1, ge=1, description="Optimiser steps on each rollout batch.")
-    rollout_refresh_every: int = Field(1, ge=1, description="H: a new published version of π_old every H steps.")
+    lr: Float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: Float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    warmup_steps: Int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
+    micro_batch_size: Int = Field(80, ge=1, description="Rows per forward/backward; gradients accumulate over the batch.")
+    updates_per_batch: Int = Field(1, ge=1, description="Optimiser steps on each rollout batch.")
+    rollout_refresh_every: Int = Field(1, ge=1, description="H: a new published version of π_old every H steps.")
     rollout_update: Literal["copy", "ema"] = Field("copy", description="π_old ← π_θ at each refresh, or an EMA of π_θ every step.")
-    rollout_ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema'.")
+    rollout_ema_decay: Float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema'.")
 
 
 RewardKind = Literal["digits_classifier", "clip", "pickscore", "aesthetic", "jpeg_compressibility",
@@ -216,12 +245,12 @@ class RedisRewardConfig(_Strict):
                      "so they never land in a run's config.yaml.")
     stream: str | None = Field(None, description="Request stream; default fmrl:reward:<kind>:requests, the one "
                                "`fmrl reward-worker --reward <kind>` reads.")
-    timeout_s: float = Field(60.0, gt=0, description="Wait for a request's result this long before resubmitting it.")
-    attempts: int = Field(3, ge=1, description="Submissions of a request before the reward counts as unavailable.")
-    retry_unavailable_s: float = Field(300.0, ge=0, description="After an optional reward was unavailable, batches "
+    timeout_s: Float = Field(60.0, gt=0, le=WEEK_S, description="Wait for a request's result this long before resubmitting it.")
+    attempts: Int = Field(3, ge=1, description="Submissions of a request before the reward counts as unavailable.")
+    retry_unavailable_s: Float = Field(300.0, ge=0, le=WEEK_S, description="After an optional reward was unavailable, batches "
                                        "go without it this long before it is tried again.")
-    max_in_flight: int = Field(8, ge=1, description="Requests awaiting results at once.")
-    max_images_per_request: int = Field(64, ge=1, description="A batch is split into requests of at most this many images.")
+    max_in_flight: Int = Field(8, ge=1, description="Requests awaiting results at once.")
+    max_images_per_request: Int = Field(64, ge=1, description="A batch is split into requests of at most this many images.")
     encoding: Literal["png", "raw"] = Field("raw", description="Image encoding on the wire, both lossless: raw "
                                             "bytes (no encode cost) or PNG (smaller, for slow links; at 512 px "
                                             "its encoding costs more than it saves, docs/performance.md).")
@@ -230,7 +259,8 @@ class RedisRewardConfig(_Strict):
 class RewardComponentConfig(_Strict):
     kind: RewardKind = Field(description="The reward model (reward_workers/registry.py).")
     name: str | None = Field(None, description="Label in metrics and reports; default: the kind. Unique per run.")
-    weight: float = Field(1.0, description="Weight of this component in the training reward Σ wᵢ·rᵢ.")
+    weight: Float = Field(1.0, description="Weight of this component in the training reward Σ wᵢ·rᵢ "
+                          "(negative only with reward.allow_negative_weights).")
     model_path: str | None = Field(None, description="Model directory or file (default: the kind's shipped model).")
     transport: Literal["ray", "redis"] = Field("ray", description="Scored in the cluster's reward actor, or by "
                                                "`fmrl reward-worker` services over Redis Streams.")
@@ -242,18 +272,14 @@ class RewardComponentConfig(_Strict):
     def label(self) -> str:
         return self.name or self.kind
 
-    @field_validator("weight")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError("must be finite")
-        return v
-
 
 class RewardConfig(_Strict):
     components: list[RewardComponentConfig] = Field(
         default_factory=lambda: [RewardComponentConfig(kind="digits_classifier")],
         description="The rewards summed into the training reward, each in-cluster or a Redis service.")
+    allow_negative_weights: bool = Field(False, description="Allow a component a negative weight (a penalty: "
+                                         "training then lowers that score); refused unless set, since a lost "
+                                         "minus sign would silently train against the reward.")
 
     @model_validator(mode="after")
     def _components(self) -> RewardConfig:
@@ -263,6 +289,11 @@ class RewardConfig(_Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"reward components need distinct names; repeated: {', '.join(dup)} (set name:)")
+        negative = [(i, c) for i, c in enumerate(self.components) if c.weight < 0]
+        if negative and not self.allow_negative_weights:
+            i, c = negative[0]
+            raise ValueError(f"reward.components.{i}.weight={c.weight} is negative: set "
+                             "reward.allow_negative_weights: true if a penalty is meant")
         if not any(c.required for c in self.components):
             raise ValueError("every reward component is optional: at least one must be required")
         return self
@@ -272,13 +303,13 @@ class RewardConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    max_policy_lag: int = Field(0, ge=0, description="Published versions a batch may lag the learner by: 0 is "
+    max_policy_lag: Int = Field(0, ge=0, description="Published versions a batch may lag the learner by: 0 is "
                                 "synchronous; k ≥ 1 rolls out the next k batches while the learner updates. "
                                 "Rollouts beyond the bound are dropped (counted) and redone with current weights.")
     weight_sync: Literal["object_store", "torch_distributed"] = Field(
         "object_store", description="How published weights reach samplers: one zero-copy object in Ray's "
         "object store, or a torch.distributed broadcast from the learner (gloo on CPU, NCCL on GPUs).")
-    sync_timeout_s: float = Field(300.0, gt=0, description="A torch.distributed broadcast (or group set-up) that "
+    sync_timeout_s: Float = Field(300.0, gt=0, le=WEEK_S, description="A torch.distributed broadcast (or group set-up) that "
                                   "waits longer than this for a peer fails the run instead of stalling it.")
     dist_backend: Literal["gloo", "nccl"] = Field("gloo", description="Backend of the torch.distributed "
                                                   "broadcast: gloo (CPU buffers) or NCCL (GPU to GPU; needs "
@@ -286,28 +317,28 @@ class PipelineConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    num_samplers: int = Field(2, ge=1, description="Sampler actors.")
-    sampler_cpus: float = Field(0.5, gt=0, description="CPUs declared by each sampler actor.")
-    sampler_gpus: float = Field(0.0, ge=0, description="GPUs declared by each sampler (inference GPUs on a cluster).")
-    learner_cpus: float = Field(0.5, gt=0, description="CPUs declared by the learner actor.")
-    learner_gpus: float = Field(0.0, ge=0, description="GPUs declared by the learner (training GPUs on a cluster).")
-    reward_cpus: float = Field(0.25, gt=0, description="CPUs declared by each reward actor.")
-    reward_gpus: float = Field(0.0, ge=0, description="GPUs declared by each reward actor.")
-    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray cluster (default: all).")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor.")
-    sampler_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each "
+    num_samplers: Int = Field(2, ge=1, description="Sampler actors.")
+    sampler_cpus: Float = Field(0.5, gt=0, description="CPUs declared by each sampler actor.")
+    sampler_gpus: Float = Field(0.0, ge=0, description="GPUs declared by each sampler (inference GPUs on a cluster).")
+    learner_cpus: Float = Field(0.5, gt=0, description="CPUs declared by the learner actor.")
+    learner_gpus: Float = Field(0.0, ge=0, description="GPUs declared by the learner (training GPUs on a cluster).")
+    reward_cpus: Float = Field(0.25, gt=0, description="CPUs declared by each reward actor.")
+    reward_gpus: Float = Field(0.0, ge=0, description="GPUs declared by each reward actor.")
+    ray_num_cpus: Int | None = Field(None, ge=1, description="CPUs of an embedded Ray cluster (default: all).")
+    torch_threads: Int = Field(1, ge=1, description="torch intra-op threads per actor.")
+    sampler_resources: dict[str, Float] = Field(default_factory=dict, description="Custom Ray resources each "
                                                 "sampler also needs, e.g. {inference_gpu: 1} to bind samplers to "
                                                 "the nodes that advertise it (deploy/ray-cluster.yaml).")
-    learner_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources of the "
+    learner_resources: dict[str, Float] = Field(default_factory=dict, description="Custom Ray resources of the "
                                                 "learner, e.g. {training_gpu: 1}.")
-    reward_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources of each "
+    reward_resources: dict[str, Float] = Field(default_factory=dict, description="Custom Ray resources of each "
                                                "in-cluster reward actor.")
     placement: Literal["pack", "spread", "none"] = Field(
         "pack", description="One placement group reserves every actor's bundle before any starts (PACK: as few "
         "nodes as fit; SPREAD: across nodes); 'none' places actors one by one.")
-    placement_timeout_s: float = Field(300.0, gt=0, description="Fail, naming the bundles, when the cluster cannot "
+    placement_timeout_s: Float = Field(300.0, gt=0, le=WEEK_S, description="Fail, naming the bundles, when the cluster cannot "
                                        "place them within this long (an autoscaler may need minutes).")
-    max_restarts: int = Field(3, ge=0, description="Restarts of a sampler or reward actor that dies; a restarted "
+    max_restarts: Int = Field(3, ge=0, description="Restarts of a sampler or reward actor that dies; a restarted "
                               "sampler is resynced and its lost rollout redone. The learner never restarts: "
                               "the run stops with its last checkpoint (resume with --resume).")
 
@@ -321,19 +352,20 @@ class ResourcesConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    port: int | None = Field(9400, ge=0, le=65535, description="Serve the run's Prometheus metrics on this port "
+    port: Int | None = Field(9400, ge=0, le=65535, description="Serve the run's Prometheus metrics on this port "
                              "(0: any free port, printed at start; null: none). Names: docs/metrics.md.")
     host: str = Field("127.0.0.1", description="Address the metrics server binds to (0.0.0.0 exposes it "
                       "to the network: only behind a firewall or proxy).")
-    final_scrape_timeout_s: float = Field(30.0, ge=0, description="When the run ends and something has been "
+    final_scrape_timeout_s: Float = Field(30.0, ge=0, le=WEEK_S, description="When the run ends and something has been "
                                           "scraping its metrics, wait up to this long for one more scrape, so "
                                           "Prometheus has the final figures (the 'after' evaluation); 0: never wait.")
 
 
 class EvalConfig(_Strict):
-    samples_per_prompt: int = Field(32, ge=2, description="Evaluation samples per prompt (before and after).")
-    seed: int = Field(12345, ge=0, description="Seed of the fixed evaluation noise.")
-    grid_columns: int = Field(8, ge=1, le=32, description="Samples per prompt shown in the before/after grid.")
+    samples_per_prompt: Int = Field(32, ge=2, le=MAX_SAMPLES_PER_PROMPT,
+                                    description="Evaluation samples per prompt (before and after).")
+    seed: Int = Field(12345, ge=0, le=SEED_MAX, description="Seed of the fixed evaluation noise.")
+    grid_columns: Int = Field(8, ge=1, le=32, description="Samples per prompt shown in the before/after grid.")
 
 
 class TrainConfig(_Strict):
@@ -419,15 +451,148 @@ class TrainConfig(_Strict):
         )
 
 
+# ---- reading: bounded YAML, one-line errors ------------------------------------------------
+
+MAX_ALIAS_NODES = 10_000
+"""Nodes that YAML aliases may add to a document once expanded. A few anchors shared between
+sections stay well under it; an alias bomb (1 KB → 10⁹ nodes) is refused before it expands."""
+MAX_DEPTH = 32  # the config tree is 5 levels deep; deeper nesting is never a config
+MAX_ECHO = 60  # characters of a bad value repeated in a message
+MAX_REASON = 200  # characters of one error's reason
+MAX_ERRORS = 5  # errors listed in one message (then "and N more")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
+    silently: an edit at the top of a section would be undone by a stale line below it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_clip(repr(key), MAX_ECHO)} (first at line {first[key] + 1})",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+            except TypeError:  # unhashable: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse a composed document whose aliases expand past MAX_ALIAS_NODES, refer to
+    themselves, or that nests deeper than MAX_DEPTH — counted on the node graph, where an
+    alias is one shared node, before anything is expanded."""
+    def children(n: yaml.Node) -> list[yaml.Node]:
+        if isinstance(n, yaml.SequenceNode):
+            return list(n.value)
+        if isinstance(n, yaml.MappingNode):
+            return [x for pair in n.value for x in pair]
+        return []
+
+    unique: set[int] = set()
+    todo = [root]
+    while todo:
+        n = todo.pop()
+        if id(n) not in unique:
+            unique.add(id(n))
+            todo += children(n)
+    limit = len(unique) + MAX_ALIAS_NODES
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels at line {n.start_mark.line + 1}")
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_nodes:
+            raise yaml.YAMLError(f"an alias at line {n.start_mark.line + 1} refers to a node that contains it")
+        open_nodes.add(id(n))
+        total = 1
+        for c in children(n):
+            total += size(c, depth + 1)
+            if total > limit:
+                raise yaml.YAMLError(f"aliases expand the document past {MAX_ALIAS_NODES} extra nodes "
+                                     f"(at line {c.start_mark.line + 1}): write the values out, not by alias")
+        open_nodes.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    size(root, 0)
+
+
+def _unshared(x: Any) -> Any:
+    """A copy in which aliased values are separate objects, so an override of one place
+    does not change the other places that alias it."""
+    if isinstance(x, dict):
+        return {k: _unshared(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unshared(v) for v in x]
+    return x
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where (its own message spans several)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        what = "; ".join(x for x in (exc.context, exc.problem) if x) or "invalid YAML"
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return _clip(what, MAX_REASON) + where
+    return _clip(" ".join(str(exc).split()), MAX_REASON)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``text`` as plain data (dicts, lists, scalars), refused with a one-line ConfigError
+    naming ``source`` when it is not YAML, repeats a key, or is an alias bomb or too deep."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return _unshared(loader.construct_document(node))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: {_yaml_message(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+def _read_text(p: Path) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}") from None
+
+
 def _describe(err: ValidationError) -> str:
+    """Pydantic's errors in one line of bounded length: the key, the reason, a clipped echo."""
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "config"
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS]:
+        loc = _clip(".".join(str(x) for x in e["loc"]) or "config", 100)
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "finite_number":
+            parts.append(f"{loc}: must be finite")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg} (got {e.get('input')!r})" if "input" in e and not isinstance(e["input"], dict) else f"{loc}: {msg}")
+            msg = _clip(" ".join(e["msg"].removeprefix("Value error, ").split()), MAX_REASON)
+            echo = "input" in e and not isinstance(e["input"], (dict, list))
+            parts.append(f"{loc}: {msg} (got {_clip(repr(e['input']), MAX_ECHO)})" if echo else f"{loc}: {msg}")
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS} more")
     return "; ".join(parts)
 
 
@@ -437,7 +602,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for k in keys[:-1]:
         child = node.setdefault(k, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+            raise ConfigError(f"--set {_clip(dotted, 100)}: '{_clip(k, MAX_ECHO)}' is a value, not a section")
         node = child
     node[keys[-1]] = value
 
@@ -446,12 +611,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     """'learner.lr=1e-4' → ('learner.lr', 0.0001); the value is read as YAML."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from exc
-    return key.strip(), value
+        raise ConfigError(f"--set expects key=value, got {_clip(repr(item), MAX_ECHO)}")
+    key = key.strip()
+    value = _load_yaml(raw, f"--set {_clip(key, 100)}") if raw.strip() else ""
+    return key, value
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -461,10 +624,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        loaded = _load_yaml(_read_text(p), str(p)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
@@ -474,6 +634,18 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def field_value(section: type[BaseModel], name: str, text: str) -> Any:
+    """``text`` validated as the field ``name`` of a config section, with that field's type,
+    bounds and finiteness (the command line's numbers share the config's rules); raises
+    ConfigError with the reason."""
+    inst = section.model_construct()
+    try:
+        setattr(inst, name, text)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc).split(": ", 1)[-1]) from None
+    return getattr(inst, name)
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections import deque
@@ -36,6 +35,16 @@ import ray
 from reward_workers.digits import HeldoutSVM
 from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
+from services.checkpoints import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    link_final_checkpoint,
+    nothing_to_keep,
+    prepare_resume,
+    write_checkpoint,
+    write_text_atomic,
+)
+from services.cluster import ensure_ray
 from services.config import TrainConfig, dump_config
 from services.evaluation import Evaluation, eval_plan, evaluation_of, seed_for
 from services.observe import RunMetrics, write_prometheus_targets
@@ -65,27 +74,6 @@ def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
         out.append(items[lo:hi])
         lo = hi
     return out
-
-
-def ensure_ray(cfg: TrainConfig) -> bool:
-    """Join the cluster at RAY_ADDRESS if set, else start an embedded one. True if started here."""
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if os.environ.get("RAY_ADDRESS"):
-        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-        # Under `ray job submit` Ray merges the job's runtime_env into ray.init's and refuses
-        # (ValueError) an env var both set, so the job's values (deploy/runtime_env.yaml) win.
-        job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-        taken = (job.get("runtime_env") or {}).get("env_vars") or {}
-        env = {"env_vars": {k: v for k, v in env["env_vars"].items() if k not in taken}}
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, logging_level=logging.WARNING)
-        return False
-    ray.init(num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, runtime_env=env,
-             logging_level=logging.WARNING, configure_logging=True)
-    return True
 
 
 @dataclass
@@ -359,69 +347,11 @@ def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: d
     return summary
 
 
-CHECKPOINTS = "checkpoints"
-
-
 def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float, keep: int) -> Path:
-    """checkpoints/iter-<next_it>/: the learner's files and driver.json, made complete under a
-    temporary name and then renamed, and checkpoints/latest naming it (replaced atomically);
-    a run killed at any moment leaves its previous checkpoint whole."""
-    root = run_dir / CHECKPOINTS
-    final = root / f"iter-{next_it:07d}"
-    tmp = root / f".iter-{next_it:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ray.get(pipe.a.learner.save.remote(str(tmp.resolve())))
+    """The learner's files and the driver's state at ``next_it`` (see ``write_checkpoint``)."""
     state = {"iteration": next_it, "version": pipe.version, "elapsed_s": elapsed, "totals": pipe.totals}
-    (tmp / "driver.json").write_text(json.dumps(state, indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    (root / "latest.tmp").write_text(final.name + "\n")
-    (root / "latest.tmp").replace(root / "latest")
-    for old in sorted(root.glob("iter-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def link_final_checkpoint(ckpt: Path, dest: Path) -> str:
-    """``dest`` (the run's checkpoint/): the learner files of its last checkpoint, which the run
-    wrote at its final iteration and which nothing has changed since, hard-linked rather than
-    written again (a copy where links cannot be made); pruning ``ckpt`` later keeps them.
-    Returns the policy file's path."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in ckpt.iterdir():
-        if f.name != "driver.json":
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return str((dest / "policy.safetensors").resolve())
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    pointer = run_dir / CHECKPOINTS / "latest"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"{run_dir} has no resumable checkpoint ({pointer} missing); "
-                                "runs write one every run.checkpoint_every iterations")
-    ckpt = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    if not (ckpt / "driver.json").is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} named by {pointer} is incomplete (no driver.json)")
-    return ckpt
-
-
-def _metrics_upto(path: Path, next_it: int) -> list[str]:
-    """The lines of a run's metrics.jsonl that precede iteration ``next_it``."""
-    keep = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if (row["kind"] == "eval" and row["when"] == "before") or \
-                (row["kind"] == "train" and row["iteration"] < next_it):
-            keep.append(line)
-    return keep
+    return write_checkpoint(run_dir, next_it, state, lambda d: ray.get(pipe.a.learner.save.remote(str(d.resolve()))),
+                            keep)
 
 
 def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = None) -> dict[str, Any]:
@@ -430,16 +360,22 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
     from tqdm import tqdm
 
     check_policy_source(cfg.policy)  # fail before any directory or cluster exists
-    ckpt = latest_checkpoint(Path(resume)) if resume is not None else None
+    resumed = prepare_resume(Path(resume), cfg) if resume is not None else None
     metrics = RunMetrics(cfg.metrics.port, cfg.metrics.host)  # a taken port fails here too
     if metrics.port is not None:
         print(f"metrics: http://{cfg.metrics.host}:{metrics.port}/metrics")
+    run_dir, finished = None, False
     try:
-        run_dir = make_run_dir(cfg, config_name) if resume is None else Path(resume)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if resumed is None:
+            run_dir = make_run_dir(cfg, config_name)
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        else:  # its config.yaml is written once the checkpoint loaded: a refused resume changes nothing
+            run_dir = resumed.run_dir
         started_ray = ensure_ray(cfg)
     except BaseException:
         metrics.close()
+        if resumed is None and run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     t0 = time.time()
     actors, targets = None, None
@@ -450,7 +386,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
         pipe.metrics = metrics
         svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
         lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
-        if ckpt is None:
+        if resumed is None:
             start = 0
             pipe.published.append(0)
             if pipe.dist:
@@ -460,8 +396,9 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             metrics.evaluation("before", before)
             lines = [json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()})]
         else:
-            state = json.loads((ckpt / "driver.json").read_text())
+            ckpt, state = resumed.ckpt, resumed.state
             ray.get(actors.learner.load.remote(str(ckpt.resolve())))
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
             start, t0 = state["iteration"], t0 - state["elapsed_s"]
             pipe.totals.update(state["totals"])
             metrics.baseline(pipe.totals["resyncs"])
@@ -469,11 +406,9 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             if pipe.version != state["version"]:
                 raise VersionMismatch(f"checkpoint {ckpt} holds version {pipe.version}, driver.json says "
                                       f"{state['version']}")
-            before = Evaluation.load(run_dir / "eval_before.npz")
-            lines = _metrics_upto(run_dir / "metrics.jsonl", start)
+            before, lines = resumed.before, resumed.lines
             print(f"resuming {run_dir} at iteration {start} (version {pipe.version}) from {ckpt}")
-        (run_dir / "metrics.jsonl.tmp").write_text("".join(x + "\n" for x in lines))
-        (run_dir / "metrics.jsonl.tmp").replace(run_dir / "metrics.jsonl")
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(x + "\n" for x in lines))
         inflight: deque[Batch] = deque()
         next_it = start
         every = cfg.run.checkpoint_every
@@ -531,6 +466,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
         metrics.wait_for_scrape(cfg.metrics.final_scrape_timeout_s)
         print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
+        finished = True
         return summary
     except LearnerLost as exc:
         where = run_dir / CHECKPOINTS / "latest"
@@ -545,3 +481,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = N
             actors.shutdown()
         if started_ray:
             ray.shutdown()
+        if resumed is None and not finished and nothing_to_keep(run_dir):
+            # a directory that blocks the run's name and holds nothing to resume
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"removed {run_dir}: the run stopped before its first iteration, nothing to resume")

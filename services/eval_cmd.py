@@ -32,7 +32,13 @@ def _resolve(checkpoint: Path, config: str | None, overrides: list[str]) -> tupl
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompt (one per line)")
     return list(dict.fromkeys(prompts))
@@ -43,7 +49,7 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
                         overrides: list[str] | None = None) -> dict[str, Any]:
     cfg, policy_file, run = _resolve(checkpoint, config, list(overrides or []))
     prompts, seeds = eval_plan(cfg, read_prompts(prompts_file) if prompts_file else None)
-    n = samples or cfg.eval.samples_per_prompt
+    n = cfg.eval.samples_per_prompt if samples is None else samples  # 0 is refused below, not replaced
     if n < 2:
         raise ValueError(f"-n must be at least 2 (diversity compares samples), got {n}")
     if cfg.reward.uses("digits_classifier"):

@@ -17,7 +17,7 @@ import torch
 
 from learner.learner import Learner
 from samplers import digits
-from samplers.policy import SD3Velocity, add_lora, load_velocity
+from samplers.policy import SD3Velocity, add_lora, load_velocity, read_tensors
 from samplers.sampler import Sampler
 from samplers.text import PromptEmbeddings, PromptEncoder
 from services.config import PolicyConfig, TrainConfig
@@ -32,9 +32,10 @@ def policy_checkpoint(cfg: PolicyConfig) -> Path:
 
 
 def check_policy_source(cfg: PolicyConfig) -> None:
-    """Fail early, naming it, when the policy's weights cannot be there."""
+    """Fail early, naming it, when the policy's weights cannot be there (or, for the digits
+    policy, a few MB, when its file is damaged: its digest is verified here)."""
     if cfg.kind == "digits":
-        policy_checkpoint(cfg)
+        read_tensors(policy_checkpoint(cfg))
     else:
         from samplers.sd3 import locate_sd3_pipeline
 
@@ -42,9 +43,12 @@ def check_policy_source(cfg: PolicyConfig) -> None:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A policy file, a checkpoint directory, or a run directory → the policy safetensors."""
+    """A policy file, a checkpoint directory, or a run directory → the policy safetensors.
+    Inside a directory, a link that leaves it is refused (a run writes no links)."""
     for cand in (path, path / "policy.safetensors", path / "checkpoint" / "policy.safetensors"):
         if cand.is_file():
+            if cand != path and not cand.resolve().is_relative_to(path.resolve()):
+                raise ValueError(f"{cand} is a link to {cand.resolve()}, outside {path}; refusing it")
             return cand
     raise FileNotFoundError(f"no policy checkpoint at {path} (looked for the file, "
                             "policy.safetensors and checkpoint/policy.safetensors)")

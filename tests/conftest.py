@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,6 +24,17 @@ def scrape_metrics(port: int) -> dict:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM ``proc`` and wait for it; SIGKILL it if it is still there after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:

@@ -109,3 +109,33 @@ def test_load_refuses_another_reference(tmp_path):
     other = Learner(tiny_velocity(seed=1), table_encode, a.settings)
     with pytest.raises(ValueError, match="another reference policy"):
         other.load(tmp_path / "ck")
+
+
+def test_load_applies_a_changed_learning_rate_and_keeps_the_schedule(tmp_path):
+    """A learner built with another lr than its checkpoint's continues with the new base rate
+    (what `--resume --set learner.lr=…` asks), not the optimiser state's: AdamW's step is
+    lr · m̂/(√v̂ + ε) (weight decay 0), so from the same moments and gradient the step with half
+    the lr is half the step."""
+    batches = [fake_batch(seed=10 + i, version=i) for i in range(3)]
+    a = _learner("orw_cfm_w2")
+    for batch, r in zip(batches[:2], REWARDS[:2], strict=True):
+        a.update(batch, r)
+    a.save(tmp_path / "ck")
+    start = {k: v.clone() for k, v in a.policy.named_parameters()}
+
+    same = _learner("orw_cfm_w2")
+    same.load(tmp_path / "ck")
+    half = Learner(tiny_velocity(), table_encode, dataclasses.replace(same.settings, lr=5e-3))
+    half.load(tmp_path / "ck")
+    # LambdaLR at step 2 of a 3-step warm-up: factor min(1, (2 + 1)/3) = 1
+    assert half.scheduler.base_lrs == [5e-3] and half.scheduler.get_last_lr() == [5e-3]
+    assert [g["lr"] for g in half.optimizer.param_groups] == [5e-3]
+    assert [g["initial_lr"] for g in half.optimizer.param_groups] == [5e-3]
+    assert same.scheduler.base_lrs == [1e-2]  # an unchanged lr leaves the loaded state as it was
+    s_same = same.update(batches[2], REWARDS[2])
+    s_half = half.update(batches[2], REWARDS[2])
+    assert (s_same["lr"], s_half["lr"]) == (1e-2, 5e-3)
+    for (n, p_same), (_, p_half) in zip(same.policy.named_parameters(), half.policy.named_parameters(), strict=True):
+        if p_same.requires_grad:
+            torch.testing.assert_close(p_half - start[n], 0.5 * (p_same - start[n]), rtol=1e-3, atol=1e-8)
+    assert any(not torch.equal(p, start[n]) for n, p in same.policy.named_parameters())

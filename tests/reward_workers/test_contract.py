@@ -184,3 +184,69 @@ def test_rejects_garbage():
     rejects(edit_meta(f, request_id="../../etc"), "malformed", "request_id: String should match")
     rejects(edit_meta(f, surprise=1), "malformed", "surprise: Extra inputs are not permitted")
     rejects(edit_meta(f, images__encoding="jpeg"), "malformed", "images.encoding: Input should be 'png' or 'raw'")
+
+
+# ------------------------------------------------------------------ hostile sizes, digests
+
+
+def test_declared_pixels_are_bounded_before_anything_is_allocated():
+    limits = RequestLimits(max_pixels_per_image=100, max_pixels_per_request=150)
+    with pytest.raises(ContractError, match=r"images of 8×16 = 128 pixels exceed the limit of 100 per image"):
+        encode_images(batch(1, 8, 16), "raw", limits)
+    with pytest.raises(ContractError, match=r"3 images of 8×8 = 192 pixels exceed the limit of 150 per request"):
+        encode_images(batch(3), "raw", limits)
+    # a payload of a few kB declaring 256 images of 4096² (12 GiB decoded) is refused by the
+    # default limits from its declared shape alone: nothing is decoded or allocated
+    small = fields_for(batch(1, 8, 8, 3), encoding="png")
+    meta = json.loads(small[FIELD_META])
+    meta["images"] |= {"shape": [256, 4096, 4096, 3], "lengths": [1] * 255 + [len(small[FIELD_IMAGES]) - 255]}
+    meta["prompts"] = ["a handwritten one"] * 256
+    rejects({FIELD_META: json.dumps(meta).encode(), FIELD_IMAGES: small[FIELD_IMAGES]}, "too_large",
+            r"256 images of 4096×4096 = 4294967296 pixels exceed the limit of 67108864 per request")
+    assert RequestLimits().images_per_request(1024, 1024) == 64
+    assert RequestLimits(max_images=8).images_per_request(8, 8) == 8
+    assert RequestLimits(max_pixels_per_request=10).images_per_request(8, 8) == 1
+
+
+def test_png_headers_are_all_checked_before_any_image_is_inflated():
+    from PIL import Image
+
+    images = batch(2, 8, 8, 1)
+    fields = fields_for(images, encoding="png")
+    meta = json.loads(fields[FIELD_META])
+    # image 1's header says 4096×4096 (a zero image compresses to a few kB): refused from the
+    # header, while image 0 (fine) has not been inflated yet
+    buf = __import__("io").BytesIO()
+    Image.new("L", (4096, 4096)).save(buf, format="PNG", compress_level=1)
+    first = fields[FIELD_IMAGES][:meta["images"]["lengths"][0]]
+    meta["images"]["lengths"][1] = len(buf.getvalue())
+    rejects({FIELD_META: json.dumps(meta).encode(), FIELD_IMAGES: first + buf.getvalue()}, "bad_images",
+            r"png image 1 is 4096×4096 mode L, declared 8×8")
+
+
+def test_meta_is_bounded_and_any_nesting_is_a_contract_error():
+    rejects({FIELD_META: b"[" * 100_000, FIELD_IMAGES: b""}, "malformed", "'meta' is not JSON: nested too deeply")
+    rejects({FIELD_META: b" " * 2000, FIELD_IMAGES: b""}, "too_large",
+            "'meta' of 2000 bytes exceeds the limit of 1000", limits=RequestLimits(max_meta_bytes=1000))
+
+
+def test_request_digest_binds_content_not_delivery():
+    from reward_workers.contract import request_digest
+
+    images = batch(2)
+    a, fa = encode_request(images, ["a", "b"], reward="r", request_id="x", reply_to="q", encoding="raw")
+    # a resubmission (attempt 2, another time, another reply list) asks the same: same digest
+    again = a.model_copy(update={"attempt": 2, "created_at": a.created_at + 5, "reply_to": "q2"})
+    assert request_digest(again, fa[FIELD_IMAGES]) == request_digest(a, fa[FIELD_IMAGES])
+    other_pixels = images.copy()
+    other_pixels[1, 3, 3, 0] ^= 1
+    b, fb = encode_request(other_pixels, ["a", "b"], reward="r", request_id="x", reply_to="q", encoding="raw")
+    c, fc = encode_request(images, ["a", "c"], reward="r", request_id="x", reply_to="q", encoding="raw")
+    digests = {request_digest(r, f[FIELD_IMAGES]) for r, f in ((a, fa), (b, fb), (c, fc))}
+    assert len(digests) == 3 and all(len(d) == 64 for d in digests)
+
+
+def test_a_non_finite_detail_is_refused_at_the_service_not_at_the_client():
+    out = RewardOutput(np.array([0.5, 0.25]), {"x": np.array([1.0, np.nan])})
+    with pytest.raises(ValueError, match="non-finite detail 'x'"):
+        RewardResult.from_output("r", "digits", out, 2)

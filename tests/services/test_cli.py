@@ -30,7 +30,7 @@ def fmrl(*args, cwd=ROOT):
     (["eval", "--checkpoint", "/nonexistent"], "no policy checkpoint at /nonexistent"),
     (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "--prompts", "/nonexistent.txt"],
      "prompts file not found: /nonexistent.txt"),
-    (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "-n", "1"], "-n must be at least 2"),
+    (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "-n", "1"], "argument -n: Input should be greater than or equal to 2"),
 ])
 def test_bad_input_one_line_nonzero(args, message, tmp_path):
     r = fmrl(*args)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -103,13 +103,7 @@ def _stop(proc: subprocess.Popen, temp_dir: Path) -> None:
     """Stop this head only. Not `ray stop`: it kills every Ray process on the machine by name,
     the clusters of other tests included. SIGTERM to `ray start --block` makes it stop the
     processes it started; anything of this cluster still alive after that is killed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, 20)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         left = _cluster_pids(temp_dir)
         for pid in left:

@@ -28,7 +28,7 @@ REMOTE_REWARDS = ("reward_service", "reward_client")  # only runs with Redis rew
 @pytest.fixture(scope="module")
 def cluster():
     # actors' metrics reach Ray's agent every second (default 10 s), so a short run shows them
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()

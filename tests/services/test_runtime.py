@@ -13,7 +13,8 @@ import torch
 
 from samplers.policy import state_checksum
 from services.actors import PlacementError, start_actors
-from services.driver import LearnerLost, latest_checkpoint, train
+from services.checkpoints import latest_checkpoint
+from services.driver import LearnerLost, train
 from services.weight_sync import broadcast_state, group_address, join_group, receive_state
 from tests.services.conftest import short_config
 
