@@ -270,4 +270,5 @@ def load_digits_clip(directory: Path | str = DIGITS_CLIP_DIR) -> tuple[CLIPModel
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"no digits CLIP at {directory}; make it with `fmrl train-digits-clip`")
-    return CLIPModel.from_pretrained(directory).eval(), CLIPProcessor.from_pretrained(directory)
+    return (CLIPModel.from_pretrained(directory, local_files_only=True).eval(),
+            CLIPProcessor.from_pretrained(directory, local_files_only=True))

@@ -547,9 +547,16 @@ def _safe_peek(fields: dict) -> dict:
 # ------------------------------------------------------------------ command line
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except None (its help text says what it means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(prog: str = "python -m reward_workers.service") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, formatter_class=_Help,
         description="Serve one reward model from a Redis request stream (consumer group).")
     p.add_argument("--reward", required=True, help="reward kind (reward_workers.registry)")
     p.add_argument("--model-path", default=None, help="weights directory or file (the kind's default if omitted)")

@@ -209,6 +209,53 @@ def load_velocity(path: Path | str) -> SD3Velocity:
     return model
 
 
+# ---- the layouts diffusers loads ----------------------------------------------------------
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+TRANSFORMER_DIR = "transformer"
+
+
+def save_diffusers_layout(path: Path | str, directory: Path | str) -> Path:
+    """The policy of a file ``save_velocity`` wrote (its digest verified), written into
+    ``directory`` in the layout diffusers loads: an adapter as ``pytorch_lora_weights.safetensors``,
+    as ``StableDiffusion3Pipeline.save_lora_weights`` writes it (keys ``transformer.…lora_A.weight``
+    from peft's ``get_peft_model_state_dict``, the LoRA config in its metadata, so
+    ``pipe.load_lora_weights(directory)`` restores rank and alpha), the way diffusers'
+    train_dreambooth_lora_sd3.py saves; full weights as ``transformer/`` (``save_pretrained``).
+    Returns the file or directory written.
+
+    The transformer is built on the meta device and takes the file's tensors: nothing is
+    initialised and an adapter's base is never read, so this costs one copy of the file's
+    tensors whatever the model's size."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    meta, state = _read_policy_file(path)
+    config = {k: v for k, v in _metadata_object(meta, "transformer_config", path).items() if not k.startswith("_")}
+    adapter_only = meta.get("adapter_only") == "1"
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**config)
+        if adapter_only:
+            lora = _metadata_object(meta, "lora", path)
+            transformer.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"],
+                                               target_modules=list(lora["target_modules"]), init_lora_weights=True),
+                                    adapter_name=ADAPTER)
+    missing, unexpected = transformer.load_state_dict(state, strict=False, assign=True)
+    if adapter_only:
+        missing = [k for k in missing if is_adapter_key(k)]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out = Path(directory)
+    if adapter_only:
+        StableDiffusion3Pipeline.save_lora_weights(
+            out, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=ADAPTER),
+            transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
+            weight_name=LORA_WEIGHTS_FILE)
+        return out / LORA_WEIGHTS_FILE
+    transformer.save_pretrained(out / TRANSFORMER_DIR)
+    return out / TRANSFORMER_DIR
+
+
 def load_weights(model: SD3Velocity, path: Path | str) -> None:
     """Load a file written by ``save_velocity`` into ``model`` in place (no second model): a full
     policy's every tensor, or an adapter onto ``model``'s base (which must carry the same LoRA)."""

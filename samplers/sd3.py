@@ -259,7 +259,9 @@ def load_sd3_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, devi
 
     source = locate_sd3_pipeline(path)
     with _quiet_progress():
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
+        # a local directory never asks the hub; a hub id follows the user's HF_HUB_OFFLINE
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype,
+                                                        local_files_only=Path(source).is_dir())
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,7 +9,6 @@ Embeddings are cached per prompt string; the encoder never trains.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +85,9 @@ class PromptEncoder(CachedPromptEncoder):
         path = Path(model_dir) if model_dir is not None else minilm_path()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no MiniLM model at {path} (config.json missing)")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        # a local directory: never the hub, whatever HF_HUB_OFFLINE says
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
         self.model.requires_grad_(False)
         self.device = device
 

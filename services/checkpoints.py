@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samplers.policy import tensor_file_metadata
+from samplers.policy import save_diffusers_layout, tensor_file_metadata
 from services.config import TrainConfig, load_config
 from services.evaluation import Evaluation
 
@@ -29,8 +29,8 @@ LEARNER_FILES = ("policy.safetensors", "rollout.safetensors", "optimizer.safeten
 # seeds of every iteration, the rollout batch, the evaluation the "before" figures used), and
 # is refused rather than recorded in config.yaml and silently ignored. learner.lr is applied
 # from the checkpoint's step on (Learner.load rebases the schedule).
-RESUME_KEYS = ("run.iterations", "run.checkpoint_every", "run.keep_checkpoints", "run.progress", "learner.lr",
-               "pipeline.weight_sync", "pipeline.sync_timeout_s", "pipeline.dist_backend")
+RESUME_KEYS = ("run.iterations", "run.checkpoint_every", "run.keep_checkpoints", "run.progress", "run.loggers",
+               "learner.lr", "pipeline.weight_sync", "pipeline.sync_timeout_s", "pipeline.dist_backend")
 RESUME_SECTIONS = ("metrics.", "resources.")
 RESUME_FIXED = ("resources.num_samplers", "resources.torch_threads")  # change the batch's float arithmetic
 
@@ -135,7 +135,11 @@ def link_final_checkpoint(ckpt: Path, dest: Path) -> str:
     """``dest`` (the run's checkpoint/): the learner files of its last checkpoint, which the run
     wrote at its final iteration and which nothing has changed since, hard-linked rather than
     written again (a copy where links cannot be made); pruning ``ckpt`` later keeps them, and
-    each file's recorded digest travels with it. Returns the policy file's path."""
+    each file's recorded digest travels with it. Beside them, the policy in the layout diffusers
+    loads (``save_diffusers_layout``): ``pytorch_lora_weights.safetensors`` for an adapter,
+    ``transformer/`` for full weights. Only here, not in every iter-N checkpoint: those exist to
+    resume, and a second copy of full SD3 weights in each would double their size; ``fmrl
+    export`` makes the same layout from any checkpoint. Returns the policy file's path."""
     for left in dest.parent.glob(f".{dest.name}.*"):
         _remove(left)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
@@ -145,6 +149,7 @@ def link_final_checkpoint(ckpt: Path, dest: Path) -> str:
             os.link(ckpt / name, tmp / name)
         except OSError:
             shutil.copy2(ckpt / name, tmp / name)
+    save_diffusers_layout(tmp / "policy.safetensors", tmp)
     _remove(dest)
     tmp.rename(dest)
     return str((dest / "policy.safetensors").resolve())

@@ -1,23 +1,78 @@
-"""The ``fmrl`` command: train, config, sample, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip, make-tiny-sd3, eval."""
+"""The ``fmrl`` command: train, config, sample, export, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip, make-tiny-sd3, eval."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No HF_HUB_OFFLINE here: the user's setting stands (a hub id in policy.pretrained downloads
+# where a hub is reachable); what the project ships loads with local_files_only=True.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default (an option without help text gets one that
+    shows it; a default of None, whose meaning the help text gives, and a flag's False are not
+    shown). Choices show as {a,b,...}, as argparse writes them."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shown_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return super()._get_help_string(action) if _shown_default(action) else action.help
+
+
+def _shown_default(action: argparse.Action) -> bool:
+    default = action.default
+    return default is not None and default is not False and default != argparse.SUPPRESS and action.nargs != 0
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)  # every subcommand's too (add_parser passes none)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not usage + traceback
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Overrides(argparse.Action):
+    """``--set KEY=VALUE`` and bare ``KEY=VALUE`` words into one list, in command-line order
+    (main() adds the words argparse leaves over after an option)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = [values] if isinstance(values, str) else list(values or [])
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *items])
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    """A command's config overrides: ``KEY=VALUE`` words, and ``--set KEY=VALUE`` (repeatable)."""
+    parser.add_argument("set", nargs="*", action=_Overrides, metavar="KEY=VALUE",
+                        help="override a config value: reward.components.0.weight=2, algorithm.name=flow_grpo, "
+                        "rollout.prompts='[a handwritten one, the digit 2]' (README: Overrides and presets)")
+    parser.add_argument("--set", action=_Overrides, dest="set", metavar="KEY=VALUE",
+                        help="the same, as an option (repeatable)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fmrl")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "unknown (not installed)"
 
 
 def _config_field(section: str, name: str) -> Callable[[str], Any]:
@@ -70,13 +125,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.checkpoints import check_run_dir
     from services.config import load_config
     from services.driver import train
+    from services.storage import RunStorage, is_uri
 
     overrides = list(args.set or [])
     if args.resume:
-        run_dir = Path(args.resume)
         if args.config or args.name:
             raise ValueError("--resume continues a run with its own config.yaml and name; "
                              "give only --set overrides (e.g. run.iterations=400)")
+        if is_uri(args.resume):  # train() downloads what it resumes from, and checks it
+            storage = RunStorage.of_run(args.resume)
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.yaml").write_text(storage.read_text("config.yaml"))
+                cfg = load_config(Path(tmp) / "config.yaml",
+                                  overrides + [f"run.name={storage.name}", f"run.out_dir={storage.out_dir}"])
+            train(cfg, resume=storage.location)
+            return 0
+        run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
         check_run_dir(run_dir)  # before its config.yaml is read: it may be a link out of the run
@@ -111,8 +175,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from services.config import dump_config, load_config
+    from services.config import dump_config, explain, load_config
 
+    if args.explain:
+        print(explain(args.explain))
+        return 0
     print(dump_config(load_config(args.config, args.set)), end="")
     return 0
 
@@ -121,28 +188,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from samplers import digits
-    from samplers.policy import load_velocity
-    from samplers.sampler import Sampler
-    from samplers.text import PromptEncoder
-    from services.world import resolve_checkpoint
+    from services.eval_cmd import digits_prompt_warning, sample_seeds, sampler_for, write_pngs
 
     prompts = [p for p in args.prompt]
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("give at least one non-blank --prompt")
     out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ValueError(f"--out must name a .npz file, got {out}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    velocity = load_velocity(resolve_checkpoint(Path(args.checkpoint)))
-    encoder = PromptEncoder()
-    sampler = Sampler(velocity, encoder.encode, digits.to_uint8, digits.IMAGE_SHAPE,
-                      num_steps=args.steps, shift=args.shift, cfg_scale=args.cfg_scale, keep_states=False)
-    seeds = [int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0]) for i in range(len(prompts))]
+    sampler, kind, policy_file = sampler_for(Path(args.checkpoint), args.config, args.steps, args.shift, args.cfg_scale)
+    if kind == "digits" and (warning := digits_prompt_warning(prompts)):
+        print(warning, file=sys.stderr)
+    seeds = sample_seeds(args.seed, len(prompts))
     traj = sampler.rollout(prompts, args.n, seeds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, images=traj.images, prompts=np.array(traj.prompt_list()))
-    print(f"wrote {traj.images.shape[0]} images {traj.images.shape[1:]} uint8 to {out}")
+    if out.suffix == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, images=traj.images, prompts=np.array(traj.prompt_list()))
+        print(f"wrote {traj.images.shape[0]} images {traj.images.shape[1:]} uint8 to {out}")
+        return 0
+    info = {"checkpoint": str(policy_file), "steps": str(sampler.num_steps), "shift": f"{sampler.shift:g}",
+            "cfg_scale": f"{sampler.cfg_scale:g}", "Software": "fmrl sample"}
+    paths = write_pngs(traj, seeds, out, info)
+    h, w = traj.images.shape[1:3]
+    print(f"wrote {len(paths)} PNG images ({w}×{h}) to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from services.export import export_checkpoint
+
+    r = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge, config=args.config)
+    what = {"lora": "a LoRA adapter (diffusers/PEFT layout)", "transformer": "a transformer directory",
+            "pipeline": "a complete StableDiffusion3Pipeline"}[r["kind"]]
+    print(f"wrote {what} with its model card to {r['out']} ({', '.join(r['files'])}); base: {r['base']}")
     return 0
 
 
@@ -204,15 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     from reward_workers.registry import DIGITS_CLIP_DIR
     from samplers.digits import POLICY_FILE
 
-    p = _Parser(prog="fmrl", description="Online RL fine-tuning of flow-matching text-to-image models.")
+    p = _Parser(prog="fmrl", description="Online RL fine-tuning of flow-matching text-to-image models.",
+                epilog="`fmrl COMMAND --help` gives a command's options; `fmrl config --explain KEY` a config key.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     t = sub.add_parser("train", help="run a training job (default: the embedded digits world)")
-    t.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. algorithm.orw.tau=5")
+    t.add_argument("--config", help="a shipped config by name (digits_ac_flow, sd3_tiny_cpu, ...) "
+                   "or a YAML file (default: built-in defaults)")
+    _add_overrides(t)
     t.add_argument("--name", help="run name (directory under run.out_dir)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last checkpoint "
-                   "(its config.yaml, plus any --set overrides)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME (or a run's URI, e.g. "
+                   "s3://bucket/runs/NAME) from its last checkpoint (its config.yaml, plus any --set overrides)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="score a checkpoint with every configured reward, the held-out "
@@ -224,26 +304,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-n", type=_config_field("EvalConfig", "samples_per_prompt"),
                    help="samples per prompt (default: eval.samples_per_prompt)")
     e.add_argument("--out", help="output directory (default: <run>/eval-<UTC time>)")
-    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    _add_overrides(e)
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("config", help="print the resolved config")
-    c.add_argument("--config")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c = sub.add_parser("config", help="print the resolved config, or explain a key")
+    c.add_argument("--config", help="a shipped config by name (digits_ac_flow, sd3_tiny_cpu, ...) "
+                   "or a YAML file (default: built-in defaults)")
+    _add_overrides(c)
+    c.add_argument("--explain", metavar="KEY", help="print KEY's description, type, choices, default and "
+                   "presets (e.g. policy.sampler, reward.components.weight, algorithm)")
     c.set_defaults(func=cmd_config)
 
-    s = sub.add_parser("sample", help="sample images from a checkpoint into an .npz file")
-    s.add_argument("--checkpoint", required=True, help="policy .safetensors, checkpoint dir or run dir")
+    s = sub.add_parser("sample", help="sample images from a checkpoint into PNG files or an .npz file")
+    s.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or policy .safetensors (an "
+                   "adapter is loaded onto the base its run's config.yaml names)")
+    s.add_argument("--config", help="config for a checkpoint outside a run directory (default: the run's; "
+                   "a policy file alone: a digits policy)")
     s.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     s.add_argument("-n", type=_config_field("RolloutConfig", "samples_per_prompt"), default=64,
                    help="samples per prompt")
-    s.add_argument("--out", required=True, help="output .npz (arrays images, prompts)")
-    s.add_argument("--steps", type=_config_field("PolicyConfig", "num_steps"), default=10, help="Euler steps")
-    s.add_argument("--shift", type=_config_field("PolicyConfig", "shift"), default=1.0, help="SD3 time shift")
-    s.add_argument("--cfg-scale", type=_config_field("PolicyConfig", "cfg_scale"), default=1.0,
-                   help="classifier-free guidance scale")
+    s.add_argument("--out", required=True, help="a directory for PNG files (one per image, prompt and seed in "
+                   "its text chunk), or a .npz file (arrays images, prompts)")
+    s.add_argument("--steps", type=_config_field("PolicyConfig", "num_steps"),
+                   help="Euler steps (default: the run's policy.num_steps, else 10)")
+    s.add_argument("--shift", type=_config_field("PolicyConfig", "shift"),
+                   help="SD3 time shift (default: the run's policy.shift, else 1)")
+    s.add_argument("--cfg-scale", type=_config_field("PolicyConfig", "cfg_scale"),
+                   help="classifier-free guidance scale (default: the run's policy.cfg_scale, else 1)")
     s.add_argument("--seed", type=_config_field("RunConfig", "seed"), default=0)
     s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser("export", help="write a run's policy in the layouts diffusers loads, with a model card")
+    x.add_argument("--checkpoint", required=True, help="a run directory (its final checkpoint), or a checkpoint "
+                   "directory inside one")
+    x.add_argument("--out", required=True, help="directory to write (new or empty)")
+    x.add_argument("--merge", action="store_true", help="SD3: a complete StableDiffusion3Pipeline with the adapter "
+                   "fused into its transformer, instead of the adapter file (pytorch_lora_weights.safetensors)")
+    x.add_argument("--config", help="config for a checkpoint outside a run directory (default: the run's)")
+    x.set_defaults(func=cmd_export)
 
     pt = sub.add_parser("pretrain-digits", help="pretrain the digits policy by flow matching")
     pt.add_argument("--out", default=str(POLICY_FILE))
@@ -293,7 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["reward-worker"]:  # its options are the service's own (argparse's REMAINDER drops --flags)
         return cmd_reward_worker(argparse.Namespace(service_args=argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)  # a usage error: exit 2, as argparse's own
+        return 2
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "set") and not any(x.startswith("-") for x in extra):
+        args.set = [*(args.set or []), *extra]  # KEY=VALUE words after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

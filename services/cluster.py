@@ -18,7 +18,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import ray
@@ -27,9 +27,23 @@ from services import cluster_guard
 from services.config import TrainConfig
 
 LOOPBACK = "127.0.0.1"
-_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+# Defaults of every actor's environment. HF_HUB_OFFLINE is not one of them: the models the
+# project ships load with local_files_only=True, and a hub id (policy.pretrained) downloads
+# unless the user set HF_HUB_OFFLINE=1 (actor_env forwards it).
+_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false"}
 _guard: subprocess.Popen | None = None  # the guard of this process's embedded cluster, if any
+
+
+def actor_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The env_vars of the runtime_env the driver gives every actor: ``_ENV``, overridden by
+    the user's own ``HF_*`` variables (HF_HUB_OFFLINE, HF_HOME, HF_ENDPOINT, ...), which
+    actors on other nodes would not otherwise see. Tokens (``*TOKEN*``) are not copied: Ray
+    shows a job's runtime_env in its dashboard and job API, so a cluster's nodes get HF_TOKEN
+    from their own environment (a Kubernetes secret, the launcher's setup)."""
+    environ = os.environ if environ is None else environ
+    hf = {k: v for k, v in environ.items() if k.startswith("HF_") and "TOKEN" not in k}
+    return {**_ENV, **hf}
 
 
 def ensure_ray(cfg: TrainConfig) -> bool:
@@ -43,7 +57,7 @@ def ensure_ray(cfg: TrainConfig) -> bool:
         # (ValueError) an env var both set, so the job's values (deploy/runtime_env.yaml) win.
         job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
         taken = (job.get("runtime_env") or {}).get("env_vars") or {}
-        env = {"env_vars": {k: v for k, v in _ENV.items() if k not in taken}}
+        env = {"env_vars": {k: v for k, v in actor_env().items() if k not in taken}}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, logging_level=logging.WARNING)
         return False
     start_embedded(cfg.resources.ray_num_cpus)
@@ -57,7 +71,7 @@ def start_embedded(num_cpus: int | None) -> None:
     mark = f"{os.getpid()}.{cluster_guard.start_time(os.getpid())}.{secrets.token_hex(4)}"
     with _set_env(cluster_guard.MARK_VAR, mark), _loopback_node_ip():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
-                 _node_ip_address=LOOPBACK, runtime_env={"env_vars": dict(_ENV)},
+                 _node_ip_address=LOOPBACK, runtime_env={"env_vars": actor_env()},
                  logging_level=logging.WARNING, configure_logging=True)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:

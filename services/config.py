@@ -1,4 +1,5 @@
-"""One pydantic config tree for a training job, loaded from YAML with ``--set`` overrides.
+"""One pydantic config tree for a training job, loaded from YAML with ``key=value`` overrides
+(OmegaConf dotlists, read against the schema) and per-algorithm presets (``PRESETS``).
 
 Every field is described; unknown keys and bad values are rejected with a message
 that names them. Experiment files hold choices, never hardware arithmetic: how
@@ -7,9 +8,11 @@ samplers are placed follows from ``resources``.
 
 from __future__ import annotations
 
+import difflib
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+import types
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -64,13 +67,38 @@ class _Strict(BaseModel):
 
 class RunConfig(_Strict):
     name: str | None = Field(None, description="Run directory name under out_dir; default: <config name>-<UTC time>.")
-    out_dir: Path = Field(Path("runs"), description="Where run directories are created.")
+    out_dir: Path | str = Field(Path("runs"), description="Where run directories are created: a path (absolute "
+                                "and shared under `ray job submit`, where a relative one is refused) or a URI "
+                                "(file://, s3://, gs://: the run is staged locally and uploaded as it is written; "
+                                "services/storage.py).")
     iterations: Int = Field(200, ge=1, description="Driver iterations: one rollout batch and its learner update(s) each.")
     seed: Int = Field(0, ge=0, le=SEED_MAX, description="Seeds rollout noise, learner draws and evaluation noise.")
     progress: bool = Field(True, description="Show a progress bar (iteration, reward, time left).")
     checkpoint_every: Int = Field(50, ge=0, description="Write a resumable checkpoint every this many iterations "
                                   "(0: only the final one); `fmrl train --resume runs/NAME` continues from the last.")
     keep_checkpoints: Int = Field(2, ge=1, description="Resumable checkpoints kept; older ones are deleted.")
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Where per-iteration metrics, the config, evaluation grids "
+        "and the summary go: metrics.jsonl (always, added if left out) and any of the trackers tensorboard "
+        "(<run>/tensorboard), wandb (<run>/wandb; WANDB_MODE=offline keeps it off the network) and mlflow "
+        "(MLFLOW_TRACKING_URI, else <run>/mlruns), each an extra: pip install 'fmrl[wandb]'.")
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_always(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(["jsonl", *v]))
+
+    @field_validator("out_dir", mode="before")
+    @classmethod
+    def _path_or_uri(cls, v: Any) -> Any:
+        # a URI stays text (Path would fold "s3://b" into "s3:/b"); anything else is a path
+        if isinstance(v, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", v):
+            return v.rstrip("/")
+        if isinstance(v, str):
+            return Path(v)
+        if not isinstance(v, Path):
+            raise ValueError(f"must be a path or a URI, got {type(v).__name__}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -352,8 +380,9 @@ class ResourcesConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    port: Int | None = Field(9400, ge=0, le=65535, description="Serve the run's Prometheus metrics on this port "
-                             "(0: any free port, printed at start; null: none). Names: docs/metrics.md.")
+    port: Int | None = Field(0, ge=0, le=65535, description="Serve the run's Prometheus metrics on this port "
+                             "(0: a free port, printed at start and named in <out_dir>/prometheus/<run>.json for "
+                             "Prometheus; a taken fixed port is an error; null: none). Names: docs/metrics.md.")
     host: str = Field("127.0.0.1", description="Address the metrics server binds to (0.0.0.0 exposes it "
                       "to the network: only behind a firewall or proxy).")
     final_scrape_timeout_s: Float = Field(30.0, ge=0, le=WEEK_S, description="When the run ends and something has been "
@@ -366,6 +395,47 @@ class EvalConfig(_Strict):
                                     description="Evaluation samples per prompt (before and after).")
     seed: Int = Field(12345, ge=0, le=SEED_MAX, description="Seed of the fixed evaluation noise.")
     grid_columns: Int = Field(8, ge=1, le=32, description="Samples per prompt shown in the before/after grid.")
+
+
+PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "flow_grpo": {
+        "policy.sampler": ("sde", "its clipped ratio and KL are per-step Gaussian log-probs, which only the "
+                                  "SDE sampler records (the ODE is deterministic: no log-prob)"),
+        "policy.cfg_scale": (1.0, "the recorded log-probs must be those of the CFG-free policy the learner "
+                                  "scores (Flow-GRPO trains CFG-free)"),
+        "rollout.keep_states": (True, "every recorded step x_t → x_s is a row of the loss"),
+    },
+}
+"""Per-algorithm presets: choosing ``algorithm.name`` sets these keys (value, why), each unless
+the config file, an override or the Python caller gave it. A value given that conflicts is
+not replaced: validation refuses it, naming the key. The other algorithms train on the
+default ODE rollouts and need none."""
+
+
+def _given(data: Any, keys: list[str]) -> tuple[bool, Any]:
+    """(True, value) where the raw input ``data`` (dicts, or models whose set fields count)
+    gives the dotted ``keys``; (False, None) where it leaves them to the defaults."""
+    for k in keys:
+        if isinstance(data, dict) and k in data:
+            data = data[k]
+        elif isinstance(data, BaseModel) and k in data.model_fields_set:
+            data = getattr(data, k)
+        else:
+            return False, None
+    return True, data
+
+
+def _with(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+    """A copy of ``data`` with ``keys`` set to ``value`` (the caller's objects are left as they
+    are); ``data`` itself where a section on the way is not one (validation names it)."""
+    head = data.get(keys[0], {})
+    if len(keys) > 1:
+        if isinstance(head, BaseModel):
+            head = head.model_dump(exclude_unset=True)
+        if not isinstance(head, dict):
+            return data
+        value = _with(head, keys[1:], value)
+    return {**data, keys[0]: value}
 
 
 class TrainConfig(_Strict):
@@ -381,6 +451,18 @@ class TrainConfig(_Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _presets(cls, data: Any) -> Any:
+        # the raw input is what the user set (file + overrides, or the Python caller's arguments)
+        if not isinstance(data, dict):
+            return data
+        _, name = _given(data, ["algorithm", "name"])
+        for key, (value, _) in PRESETS.get(name if isinstance(name, str) else "", {}).items():
+            if not _given(data, key.split("."))[0]:
+                data = _with(data, key.split("."), value)
+        return data
 
     @model_validator(mode="after")
     def _sampler_fits(self) -> TrainConfig:
@@ -468,7 +550,13 @@ def _clip(text: str, limit: int) -> str:
 
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
-    silently: an edit at the top of a section would be undone by a stale line below it)."""
+    silently: an edit at the top of a section would be undone by a stale line below it), and
+    reading an unquoted date as text: no key is a date, and `name: 2026-12-02` names a run."""
+
+    yaml_implicit_resolvers = {
+        first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first: dict[Any, int] = {}
@@ -596,44 +684,361 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.setdefault(k, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {_clip(dotted, 100)}: '{_clip(k, MAX_ECHO)}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
+# ---- overrides: OmegaConf dotlists, read against the schema ----------------------------------
+
+_INDEX = re.compile(r"\[(-?\d+)\]")
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _override_keys(key: str) -> list[str]:
+    """'reward.components[0].weight' or 'reward.components.0.weight' → its parts."""
+    keys = _INDEX.sub(r".\1", key).split(".")
+    if any(not k.strip() for k in keys):
+        raise ConfigError(f"--set {_clip(key, 100)}: a key is names and list indexes joined by dots, "
+                          "e.g. reward.components.0.weight")
+    return keys
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Annotated[X, ...] → X; X | None → X (a union of several types stays as it is)."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, types.UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _schema_path(keys: list[str]) -> list[tuple[Any, Any]]:
+    """(annotation, FieldInfo or None) of each prefix of ``keys`` in the TrainConfig schema, as
+    far as the schema reaches (a list index reads the item type, a dict key the value type)."""
+    out: list[tuple[Any, Any]] = []
+    annotation: Any = TrainConfig
+    for k in keys:
+        node, field = _unwrap(annotation), None
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(k)
+            if field is None:
+                break
+            annotation = field.annotation
+        elif get_origin(node) is list and k.lstrip("-").isdigit():
+            annotation = get_args(node)[0]
+        elif get_origin(node) is dict:
+            annotation = get_args(node)[1]
+        else:
+            break
+        out.append((annotation, field))
+    return out
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether the schema reads this annotation as text: str, a Path, or a union of them (and None)."""
+    node = _unwrap(annotation)
+    options = get_args(node) if get_origin(node) in (Union, types.UnionType) else (node,)
+    return all(o is type(None) or o is str or (isinstance(o, type) and issubclass(o, PurePath))
+               for o in (_unwrap(x) for x in options))
+
+
+def _is_section(annotation: Any) -> bool:
+    """Whether the schema has keys below this annotation: a section, a list or a mapping."""
+    node = _unwrap(annotation)
+    return (isinstance(node, type) and issubclass(node, BaseModel)) or get_origin(node) in (list, dict)
+
+
+def _optional(annotation: Any) -> bool:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """'learner.lr=1e-4' → ('learner.lr', 0.0001); the value is read as YAML."""
+    """'learner.lr=1e-4' → ('learner.lr', 0.0001): the value read as YAML (bounded, as a file
+    is), except where the schema says text (str, a path): there the text is kept as typed
+    (run.name=2026-12-02 or 1.0 stays a name), quotes removed, and null is None if allowed."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {_clip(repr(item), MAX_ECHO)}")
-    key = key.strip()
-    value = _load_yaml(raw, f"--set {_clip(key, 100)}") if raw.strip() else ""
-    return key, value
+    key, text = key.strip(), raw.strip()
+    source = f"--set {_clip(key, 100)}"
+    if not text:
+        return key, ""
+    keys = _override_keys(key)
+    path = _schema_path(keys)
+    annotation = path[-1][0] if len(path) == len(keys) else None
+    if annotation is None or not _is_text(annotation):
+        return key, _load_yaml(raw, source)
+    if text in _NULLS and _optional(annotation):
+        return key, None
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # YAML's quoting and escapes
+        try:
+            value = _load_yaml(text, source)
+        except ConfigError:
+            value = None
+        if isinstance(value, str):
+            return key, value
+    return key, text
+
+
+class _Text:
+    """A string handed to OmegaConf as an opaque object, so that text such as a prompt is never
+    read as an interpolation (${...}) or as OmegaConf's missing value (???)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _opaque(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _opaque(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_opaque(v) for v in x]
+    return _Text(x) if isinstance(x, str) else x
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x.text if isinstance(x, _Text) else x
+
+
+def _schema_default(keys: list[str]) -> Any:
+    """The schema's default of the list field at ``keys`` as plain data; None for any other."""
+    path = _schema_path(keys)
+    if len(path) != len(keys) or path[-1][1] is None:
+        return None
+    default = path[-1][1].get_default(call_default_factory=True)
+    if isinstance(default, list):
+        return [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
+    return None
+
+
+def _prepare_path(conf: Any, keys: list[str], key: str) -> None:
+    """Walk ``conf`` (an OmegaConf tree) along ``keys`` before an update: a list the file left
+    out but the path indexes is filled with the schema's default (reward.components.0.weight
+    edits the default component); a null section becomes an empty one; passing through a
+    value or past a list's end is refused."""
+    from omegaconf import DictConfig, ListConfig
+
+    where = f"--set {_clip(key, 100)}"
+    schema = _schema_path(keys)
+    node = conf
+    for i, k in enumerate(keys[:-1]):
+        if i < len(schema) and not _is_section(schema[i][0]):
+            raise ConfigError(f"{where}: '{_clip(k, MAX_ECHO)}' is a value, not a section")
+        if isinstance(node, ListConfig):
+            if not k.lstrip("-").isdigit():
+                raise ConfigError(f"{where}: '{_clip(keys[i - 1], MAX_ECHO)}' is a list; index it by "
+                                  f"number ({'.'.join(keys[:i])}.0)")
+            if not -len(node) <= int(k) < len(node):
+                raise ConfigError(f"{where}: index {k} is past the end of '{_clip(keys[i - 1], MAX_ECHO)}' "
+                                  f"({len(node)} item(s)); set the whole list to add one")
+            k_ = int(k)
+        elif isinstance(node, DictConfig):
+            k_ = k
+            if k not in node or node[k] is None:
+                default = _schema_default(keys[:i + 1])
+                node[k] = _opaque(default) if default is not None else {}
+        else:
+            return
+        child = node[k_]  # never an interpolation: every string in the tree is a _Text
+        if not isinstance(child, (DictConfig, ListConfig)):
+            raise ConfigError(f"{where}: '{_clip(k, MAX_ECHO)}' is a value, not a section")
+        node = child
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``tree`` (plain data, as read from YAML) with ``key=value`` overrides applied in order,
+    through OmegaConf's dotlist updates: dotted keys, list indexes (reward.components.0.weight=2,
+    or components[0]), a value replacing what was there."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        conf = OmegaConf.create(_opaque(tree), flags={"allow_objects": True})
+    except OmegaConfBaseException as exc:  # e.g. a mapping key YAML allows and OmegaConf does not
+        raise ConfigError(f"cannot apply overrides to this config: {_clip(str(exc).splitlines()[0], MAX_REASON)}") from None
+    for item in overrides:
+        key, value = parse_override(item)
+        keys = _override_keys(key)
+        _prepare_path(conf, keys, key)
+        try:
+            OmegaConf.update(conf, ".".join(keys), _opaque(value), merge=False)
+        except (OmegaConfBaseException, TypeError, IndexError, KeyError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--set {_clip(key, 100)}: {_clip(reason, MAX_REASON)}") from None
+    return _plain(OmegaConf.to_container(conf, resolve=False))
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with the package (the ``configs`` package's YAML files), by name."""
+    from importlib.resources import files
+
+    # a directory on disk wherever the project is installed (wheel, editable, checkout)
+    folder = Path(str(files("configs")))
+    return {f.stem: f for f in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(name_or_path: Path | str) -> Path:
+    """The config file ``name_or_path`` means: an existing file as given, else a shipped
+    config by name (``digits_ac_flow`` or ``digits_ac_flow.yaml``); ConfigError (one line,
+    listing the shipped names) for anything else."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text and p.suffix in ("", ".yaml"):
+        found = shipped.get(p.stem)
+        if found is not None:
+            return found
+    raise ConfigError(f"config file not found: {_clip(text, 200)}, nor a shipped config of that name "
+                      f"(shipped: {', '.join(shipped) or 'none'})")
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    """Read a YAML config (a file, or a shipped config by name; else the defaults), apply
+    ``key=value`` overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         loaded = _load_yaml(_read_text(p), str(p)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
-    for item in overrides or []:
-        _set_path(tree, *parse_override(item))
+    if overrides:
+        tree = apply_overrides(tree, overrides)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` checked as ``load_config`` checks a file: every check is a validator of the tree,
+    and a config built or changed in Python may have skipped some (assignment validates only
+    the field assigned, not the sections around it; ``model_construct`` and in-place edits of a
+    list validate nothing). Re-validates a copy of it; raises ConfigError in one line."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"expected a TrainConfig (e.g. load_config's), got {type(cfg).__name__}")
+    try:
+        # a full dump gives every key, so no preset applies: a config is checked, never changed
+        return TrainConfig.model_validate(cfg.model_dump(warnings=False))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _type_name(annotation: Any) -> str:
+    node = annotation
+    while get_origin(node) is Annotated:
+        node = get_args(node)[0]
+    origin, args = get_origin(node), get_args(node)
+    if origin in (Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of the choices"
+    if origin is list:
+        item = _type_name(args[0])
+        return f"list of {({'section': 'sections', 'one of the choices': 'choices'}).get(item, item)}"
+    if origin is dict:
+        return f"mapping of names to {_type_name(args[1])}"
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return "section"
+    if isinstance(node, type) and issubclass(node, PurePath):
+        return "path"
+    return {int: "integer", float: "number", bool: "true or false", str: "text"}.get(node, str(node))
+
+
+def _choices(annotation: Any) -> list[Any]:
+    """The values of every Literal inside ``annotation``."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [c for a in get_args(annotation) for c in _choices(a)]
+
+
+def _bounds(field: Any) -> str:
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return ", ".join(f"{signs[name]} {getattr(m, name)}" for m in field.metadata
+                     for name in signs if hasattr(m, name))
+
+
+def _default_at(keys: list[str], field: Any) -> Any:
+    """The default of ``keys`` in a default TrainConfig (a section's default may differ from its
+    class's: the trackers of advantage_flow, diffusion_nft and flow_grpo use global_std); the
+    field's own default where the default config has no such place (policy.lora is null)."""
+    obj: Any = TrainConfig()
+    for k in keys:
+        if isinstance(obj, list) and not k.lstrip("-").isdigit():
+            obj = obj[0] if obj else None  # reward.components.weight: the default first item's
+        if isinstance(obj, BaseModel) and k in type(obj).model_fields:
+            obj = getattr(obj, k)
+        elif isinstance(obj, list) and k.lstrip("-").isdigit() and -len(obj) <= int(k) < len(obj):
+            obj = obj[int(k)]
+        else:
+            return field.get_default(call_default_factory=True)
+    return obj
+
+
+def explain(key: str) -> str:
+    """What ``fmrl config --explain KEY`` prints: the key's description, type, bounds, choices,
+    default and any algorithm preset of it. List indexes may be given or left out
+    (reward.components.0.weight or reward.components.weight)."""
+    keys = _override_keys(key)
+    annotation: Any = TrainConfig
+    field: Any = None  # the FieldInfo when the key names a field (not a list item or mapping entry)
+    for i, k in enumerate(keys):
+        node, field = _unwrap(annotation), None
+        while get_origin(node) is list and not k.lstrip("-").isdigit():
+            node = _unwrap(get_args(node)[0])  # reward.components.weight: the items' key
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(k)
+            if field is None:
+                close = difflib.get_close_matches(k, list(node.model_fields), n=3)
+                hint = f"; did you mean {' or '.join(close)}?" if close else f"; its keys: {', '.join(node.model_fields)}"
+                raise ConfigError(f"unknown key '{_clip('.'.join(keys[:i + 1]), 100)}'{hint}")
+            annotation = field.annotation
+        elif get_origin(node) is list:
+            annotation = get_args(node)[0]
+        elif get_origin(node) is dict:
+            annotation = get_args(node)[1]
+        else:
+            raise ConfigError(f"'{_clip('.'.join(keys[:i]), 100)}' is a value, not a section: it has no key {_clip(k, MAX_ECHO)!r}")
+    lines = [key]
+    node = _unwrap(annotation)
+    section = isinstance(node, type) and issubclass(node, BaseModel)
+    text = field.description if field is not None and field.description else (node.__doc__ if section else None)
+    if text:
+        lines.append(f"  {' '.join(text.split())}")
+    type_line = f"  type:    {_type_name(annotation)}"
+    if field is not None and _bounds(field):
+        type_line += f", {_bounds(field)}"
+    lines.append(type_line)
+    if _choices(annotation):
+        lines.append(f"  choices: {', '.join(str(c) for c in _choices(annotation))}")
+    if section:
+        lines.append(f"  keys:    {', '.join(node.model_fields)}")
+    elif field is not None:
+        default = _default_at(keys, field)
+        if isinstance(default, list):
+            default = [d.model_dump(mode="json", exclude_defaults=True) if isinstance(d, BaseModel) else d
+                       for d in default]
+        shown = yaml.safe_dump(default.as_posix() if isinstance(default, PurePath) else default,
+                               default_flow_style=True, width=10**6, allow_unicode=True).strip()
+        lines.append(f"  default: {_clip(shown.removesuffix('...').strip(), 300)}")
+    dotted = ".".join(k for k in keys if not k.lstrip("-").isdigit())
+    for algorithm, preset in PRESETS.items():
+        if dotted in preset:
+            value, why = preset[dotted]
+            lines.append(f"  preset:  algorithm.name={algorithm} sets {value} unless given: {why}")
+    return "\n".join(lines)
 
 
 def field_value(section: type[BaseModel], name: str, text: str) -> Any:

@@ -19,11 +19,14 @@ iteration trains on exactly its planned prompts and seeds, none twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +40,7 @@ from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
 from services.checkpoints import (
     CHECKPOINTS,
+    Resume,
     latest_checkpoint,
     link_final_checkpoint,
     nothing_to_keep,
@@ -45,10 +49,20 @@ from services.checkpoints import (
     write_text_atomic,
 )
 from services.cluster import ensure_ray
-from services.config import TrainConfig, dump_config
+from services.config import TrainConfig, dump_config, validate_config
 from services.evaluation import Evaluation, eval_plan, evaluation_of, seed_for
-from services.observe import RunMetrics, write_prometheus_targets
+from services.loggers import (
+    ConsoleLogger,
+    IterationInfo,
+    JsonlLogger,
+    Loggers,
+    PrometheusLogger,
+    check_trackers,
+    open_trackers,
+)
+from services.observe import RunMetrics
 from services.report import reward_curve, sample_grid, summary_table, write_report
+from services.storage import RunStorage, StorageSync
 from services.world import check_policy_source
 
 log = logging.getLogger("fmrl")
@@ -314,13 +328,31 @@ def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | N
                          accuracy)
 
 
-def make_run_dir(cfg: TrainConfig, config_name: str) -> Path:
-    name = cfg.run.name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    run_dir = cfg.run.out_dir / name
-    if run_dir.exists():
-        raise FileExistsError(f"run directory {run_dir} already exists; choose another run.name")
-    run_dir.mkdir(parents=True)
-    return run_dir
+class Evaluator:
+    """The run's evaluations (before and after training), with the digits world's held-out SVM."""
+
+    def __init__(self, pipe: Pipeline, cfg: TrainConfig) -> None:
+        self.pipe, self.cfg = pipe, cfg
+        self.svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
+        self.samples = len(eval_plan(cfg)[0]) * cfg.eval.samples_per_prompt
+
+    def __call__(self, version: int) -> Evaluation:
+        return evaluate(self.pipe, self.cfg, version, self.svm)
+
+
+def open_run(cfg: TrainConfig, config_name: str, resume: Path | str | None) -> tuple[RunStorage, Resume | None]:
+    """Where the run lives (``run.out_dir``: a path or a URI, services/storage.py), and for a
+    resumed run what it continues from, downloaded first when it lives at a URI. Nothing is
+    created yet; an out_dir the run would lose (Ray's temporary directory) is refused."""
+    if resume is None:
+        name = cfg.run.name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        return RunStorage(cfg.run.out_dir, name), None
+    storage = RunStorage.of_run(resume)
+    try:
+        return storage, prepare_resume(storage.download_for_resume(), cfg)
+    except BaseException:
+        storage.finish(ok=True)  # a refused resume: its download is of no use
+        raise
 
 
 def batch_plan(cfg: TrainConfig, it: int) -> tuple[list[str], list[int]]:
@@ -354,134 +386,197 @@ def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float,
                             keep)
 
 
-def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | None = None) -> dict[str, Any]:
-    """Run the job the config describes (or continue ``resume``, a run directory, from its
-    last checkpoint); returns the summary (also written to the run)."""
-    from tqdm import tqdm
+class Checkpoints:
+    """The run's checkpoints: one every ``run.checkpoint_every`` iterations and at the last (each
+    announced to the loggers once complete), the restore of a resumed run, the final checkpoint/."""
 
+    def __init__(self, pipe: Pipeline, run_dir: Path, cfg: TrainConfig, loggers: Loggers) -> None:
+        self.pipe, self.run_dir, self.loggers = pipe, run_dir, loggers
+        self.every, self.last, self.keep = cfg.run.checkpoint_every, cfg.run.iterations, cfg.run.keep_checkpoints
+
+    def after_iteration(self, done: int, elapsed: float) -> None:
+        if (self.every and done % self.every == 0) or done == self.last:
+            t = time.perf_counter()
+            path = save_checkpoint(self.pipe, self.run_dir, done, elapsed, self.keep)
+            self.loggers.on_checkpoint(path, time.perf_counter() - t)
+
+    def restore(self, resumed: Resume, cfg: TrainConfig) -> None:
+        """Load the checkpoint into the learner, then record the config the run continues under,
+        restore the pipeline's totals and publish the checkpoint's version to every sampler."""
+        ckpt, state, pipe = resumed.ckpt, resumed.state, self.pipe
+        ray.get(pipe.a.learner.load.remote(str(ckpt.resolve())))
+        write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+        pipe.totals.update(state["totals"])
+        if pipe.metrics is not None:
+            pipe.metrics.baseline(pipe.totals["resyncs"])
+        pipe.sync()
+        if pipe.version != state["version"]:
+            raise VersionMismatch(f"checkpoint {ckpt} holds version {pipe.version}, driver.json says "
+                                  f"{state['version']}")
+
+    def final(self) -> str:
+        return link_final_checkpoint(latest_checkpoint(self.run_dir), self.run_dir / "checkpoint")
+
+
+def resume_hint(run_dir: Path, location: str | None = None) -> str:
+    """What a user can do after the learner was lost (``location``: the run's URI, if it has one)."""
+    if (run_dir / CHECKPOINTS / "latest").is_file():
+        return (f"last checkpoint: {latest_checkpoint(run_dir)}; continue with "
+                f"`fmrl train --resume {location or run_dir}`")
+    return "no checkpoint was written yet"
+
+
+def warmup_warning(cfg: TrainConfig) -> str | None:
+    """A warning when every learner step of the run is AC-Flow critic warm-up."""
+    ac, ln = cfg.algorithm.ac_flow, cfg.learner
+    steps = cfg.run.iterations * ln.updates_per_batch
+    if cfg.algorithm.name != "ac_flow" or steps > ac.warmup_steps:
+        return None
+    effect = ("the actor is frozen throughout, so the policy will not change" if ac.warmup_actor == "frozen"
+              else "the critic never steers the actor")
+    return (f"warning: this run makes {steps} learner steps (run.iterations × learner.updates_per_batch), all of "
+            f"them AC-Flow's critic warm-up (algorithm.ac_flow.warmup_steps={ac.warmup_steps}): {effect}; set "
+            f"run.iterations above {ac.warmup_steps // ln.updates_per_batch} or lower the warm-up")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | None = None) -> dict[str, Any]:
+    """Run the job the config describes (or continue ``resume``, a run directory or a run's URI,
+    from its last checkpoint); returns the summary (also written to the run).
+
+    Everything is checked before anything is made (the config, the policy, the trackers'
+    packages, a resumed run's files); then the run directory, Ray and the actors, and the loop:
+    launch rollouts up to the lag bound ahead, settle a batch (redo what was lost or too stale),
+    update, sync the new weights, log; checkpoints and evaluations are its collaborators."""
+    cfg = validate_config(cfg)  # the Python API refuses what the command line refuses
     check_policy_source(cfg.policy)  # fail before any directory or cluster exists
-    resumed = prepare_resume(Path(resume), cfg) if resume is not None else None
-    metrics = RunMetrics(cfg.metrics.port, cfg.metrics.host)  # a taken port fails here too
-    if metrics.port is not None:
-        print(f"metrics: http://{cfg.metrics.host}:{metrics.port}/metrics")
-    run_dir, finished = None, False
+    check_trackers(cfg.run.loggers)
+    storage, resumed = open_run(cfg, config_name, resume)
+    sync = StorageSync(storage, cfg.run.keep_checkpoints, new_run=resumed is None)  # a URI run's uploads
+    console = ConsoleLogger(cfg)
+    try:
+        prom = PrometheusLogger(cfg)  # a taken port fails here too
+    except BaseException:
+        sync.close()
+        raise
+    # sync before the trackers (added later, before the console): it closes after them, so it
+    # uploads what they flush when they close
+    loggers = Loggers(prom, sync, console)
+    if prom.port is not None:
+        loggers.log_phase(f"metrics: http://{cfg.metrics.host}:{prom.port}/metrics")
+    if (warning := warmup_warning(cfg)) is not None:
+        loggers.log_phase(warning)
+    run_dir: Path | None = None
+    actors, started_ray, finished = None, False, False
     try:
         if resumed is None:
-            run_dir = make_run_dir(cfg, config_name)
+            run_dir = storage.create()
             write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         else:  # its config.yaml is written once the checkpoint loaded: a refused resume changes nothing
             run_dir = resumed.run_dir
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            loggers.log_phase(f"joining the Ray cluster at {address}" if address else "starting Ray")
         started_ray = ensure_ray(cfg)
-    except BaseException:
-        metrics.close()
-        if resumed is None and run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    t0 = time.time()
-    actors, targets = None, None
-    try:
-        targets = write_prometheus_targets(cfg.run.out_dir, run_dir.name, cfg.metrics.host, metrics.port)
+        t0 = time.time()
+        loggers.log_phase(f"starting {_plural(cfg.resources.num_samplers, 'sampler')}, 1 learner, 1 reward actor")
         actors = start_actors(cfg, f"fmrl-{run_dir.name}")
         pipe = Pipeline(actors, cfg)
-        pipe.metrics = metrics
-        svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
-        lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
+        pipe.metrics = prom.metrics
+        evaluator = Evaluator(pipe, cfg)
+        checkpoints = Checkpoints(pipe, run_dir, cfg, loggers)
         if resumed is None:
-            start = 0
+            start, lines = 0, []
             pipe.published.append(0)
             if pipe.dist:
                 pipe.sync()  # forms the group and proves it before the first rollout
-            before = evaluate(pipe, cfg, 0, svm)
-            before.save(run_dir / "eval_before.npz")
-            metrics.evaluation("before", before)
-            lines = [json.dumps({"kind": "eval", "when": "before", "version": 0, **before.headline()})]
         else:
-            ckpt, state = resumed.ckpt, resumed.state
-            ray.get(actors.learner.load.remote(str(ckpt.resolve())))
-            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-            start, t0 = state["iteration"], t0 - state["elapsed_s"]
-            pipe.totals.update(state["totals"])
-            metrics.baseline(pipe.totals["resyncs"])
-            pipe.sync()
-            if pipe.version != state["version"]:
-                raise VersionMismatch(f"checkpoint {ckpt} holds version {pipe.version}, driver.json says "
-                                      f"{state['version']}")
-            before, lines = resumed.before, resumed.lines
-            print(f"resuming {run_dir} at iteration {start} (version {pipe.version}) from {ckpt}")
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(x + "\n" for x in lines))
-        inflight: deque[Batch] = deque()
-        next_it = start
-        every = cfg.run.checkpoint_every
-        with (run_dir / "metrics.jsonl").open("a") as mf, \
-                tqdm(total=cfg.run.iterations, initial=start, disable=not cfg.run.progress, desc="train",
-                     unit="it", dynamic_ncols=True) as bar:
-            reward_names = [c.label for c in cfg.reward.components]
-            for it in range(start, cfg.run.iterations):
-                t_it = time.perf_counter()
-                while next_it < cfg.run.iterations and len(inflight) <= lag:
-                    inflight.append(pipe.launch(next_it, *batch_plan(cfg, next_it), n))
-                    next_it += 1
-                batch = inflight.popleft()
-                times = {}
-                t = time.perf_counter()
-                pipe.settle(batch, lag, n)
-                times["rollout"] = time.perf_counter() - t
-                times["rollout_duration"] = time.perf_counter() - batch.launched
-                t = time.perf_counter()
-                stats = pipe.update(batch)
-                times["update"] = time.perf_counter() - t
-                if stats["version"] != pipe.version:
-                    t = time.perf_counter()
-                    pipe.sync(wait=lag == 0, busy=[p.traj for b in inflight for p in b.parts])
-                    times["sync"] = time.perf_counter() - t
-                row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
-                       "sampler_versions": list(pipe.applied), "lag": max(batch.lags),
-                       "dropped_stale": batch.dropped_stale, "redone_lost": batch.redone_lost,
-                       "lost_reward": batch.lost_reward, **stats}
-                mf.write(json.dumps(row) + "\n")
-                mf.flush()
-                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", v=pipe.version)
-                bar.update(1)
-                done = it + 1
-                if (every and done % every == 0) or done == cfg.run.iterations:
-                    t = time.perf_counter()
-                    save_checkpoint(pipe, run_dir, done, time.time() - t0, cfg.run.keep_checkpoints)
-                    times["checkpoint"] = time.perf_counter() - t
-                metrics.iteration(it, stats, n * cfg.rollout.batch_prompts, cfg.rollout.batch_prompts,
-                                  cfg.learner.updates_per_batch, max(batch.lags), batch.dropped_stale,
-                                  batch.redone_lost, batch.lost_reward, times, time.perf_counter() - t_it,
-                                  reward_names)
-                metrics.pipeline(pipe.applied, len(inflight), len(pipe.pending), pipe.totals["resyncs"])
-            pipe.check_applied(block=True)
-            pipe.sync(current=True)
-            after = evaluate(pipe, cfg, pipe.version, svm)
-            metrics.evaluation("after", after)
-            mf.write(json.dumps({"kind": "eval", "when": "after", "version": pipe.version, **after.headline()}) + "\n")
-        final = link_final_checkpoint(latest_checkpoint(run_dir), run_dir / "checkpoint")
+            checkpoints.restore(resumed, cfg)
+            start, lines, t0 = resumed.state["iteration"], resumed.lines, t0 - resumed.state["elapsed_s"]
+            loggers.log_phase(f"resuming {run_dir} at iteration {start} (version {pipe.version}) from {resumed.ckpt}")
+        loggers.add(JsonlLogger(run_dir, lines), *open_trackers(cfg, run_dir))
+        loggers.log_config(cfg, run_dir)
+        if resumed is None:
+            loggers.log_phase(f"baseline evaluation ({evaluator.samples} samples)")
+            before = evaluator(0)
+            before.save(run_dir / "eval_before.npz")
+            loggers.log_eval("before", before)
+        else:
+            before = resumed.before
+        fit(pipe, cfg, start, t0, loggers, checkpoints)
+        loggers.log_phase(f"final evaluation ({evaluator.samples} samples)")
+        after = evaluator(pipe.version)
+        loggers.log_eval("after", after)
         summary = write_outputs(run_dir, before, after, {
-            "checkpoint": final, "seconds": round(time.time() - t0, 1),
-            "heldout_classifier_accuracy_on_real": svm.heldout_accuracy if svm else None,
+            "run_dir": storage.location, "checkpoint": storage.location_of(checkpoints.final()),
+            "seconds": round(time.time() - t0, 1),
+            "heldout_classifier_accuracy_on_real": evaluator.svm.heldout_accuracy if evaluator.svm else None,
             "pipeline": pipe.totals},
             cfg.eval.grid_columns,
             probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
-        metrics.wait_for_scrape(cfg.metrics.final_scrape_timeout_s)
-        print(f"\nrun written to {run_dir} ({summary['seconds']} s)")
+        loggers.log_summary(summary)  # the console's line, the run's last, comes after every other logger's
         finished = True
         return summary
     except LearnerLost as exc:
-        where = run_dir / CHECKPOINTS / "latest"
-        hint = (f"last checkpoint: {latest_checkpoint(run_dir)}; continue with `fmrl train --resume {run_dir}`"
-                if where.is_file() else "no checkpoint was written yet")
-        raise LearnerLost(f"{exc}\n{hint}") from None
+        raise LearnerLost(f"{exc}\n{resume_hint(run_dir, storage.location)}") from None
     finally:
-        metrics.close()
-        if targets is not None:
-            targets.unlink(missing_ok=True)
+        try:
+            loggers.close()
+        except Exception as exc:  # noqa: BLE001 - a logger that fails to close does not hide the run's outcome
+            log.warning("closing the run's loggers failed: %s", exc)
         if actors is not None and not started_ray:
             actors.shutdown()
         if started_ray:
             ray.shutdown()
-        if resumed is None and not finished and nothing_to_keep(run_dir):
+        if resumed is None and not finished and run_dir is not None and nothing_to_keep(run_dir):
             # a directory that blocks the run's name and holds nothing to resume
             shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"removed {run_dir}: the run stopped before its first iteration, nothing to resume")
+            print(f"removed {storage.location}: the run stopped before its first iteration, nothing to resume")
+
+
+def fit(pipe: Pipeline, cfg: TrainConfig, start: int, t0: float, loggers: Loggers, checkpoints: Checkpoints) -> None:
+    """Iterations ``start`` … run.iterations − 1: launch, settle, update, sync, log, checkpoint;
+    then every sampler holds π_θ, the policy the final evaluation measures."""
+    lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
+    inflight: deque[Batch] = deque()
+    next_it = start
+    for it in range(start, cfg.run.iterations):
+        t_it = time.perf_counter()
+        while next_it < cfg.run.iterations and len(inflight) <= lag:
+            inflight.append(pipe.launch(next_it, *batch_plan(cfg, next_it), n))
+            next_it += 1
+        batch = inflight.popleft()
+        clock = _Clock()
+        with clock("rollout"):
+            pipe.settle(batch, lag, n)
+        clock.times["rollout_duration"] = time.perf_counter() - batch.launched
+        with clock("update"):
+            stats = pipe.update(batch)
+        if stats["version"] != pipe.version:
+            with clock("sync"):
+                pipe.sync(wait=lag == 0, busy=[p.traj for b in inflight for p in b.parts])
+        row = {"kind": "train", "iteration": it, "time_s": round(time.time() - t0, 3),
+               "sampler_versions": list(pipe.applied), "lag": max(batch.lags),
+               "dropped_stale": batch.dropped_stale, "redone_lost": batch.redone_lost,
+               "lost_reward": batch.lost_reward, **stats}
+        loggers.log_iteration(it, row, IterationInfo(clock.times, time.perf_counter() - t_it, len(inflight),
+                                                     len(pipe.pending), pipe.totals["resyncs"]))
+        checkpoints.after_iteration(it + 1, time.time() - t0)  # after the row: a resume finds every row before it
+    pipe.check_applied(block=True)
+    pipe.sync(current=True)
+
+
+class _Clock:
+    """Seconds spent in each named phase of an iteration."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.times[phase] = time.perf_counter() - t

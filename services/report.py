@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,61 +11,211 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from services.evaluation import Evaluation  # noqa: E402
 
+PAD = 3  # px of gutter around each sample
+GAP = 24  # px between the before and after panels
+MARGIN = 8  # px around the whole picture
+MIN_CELL = 48  # samples smaller than this are enlarged by an integer factor (nearest: pixels stay square)
+MAX_PANEL_WIDTH = 4096  # px of samples in one panel's row before they are shrunk by an integer factor
 
-def _mosaic(images: np.ndarray, columns: int, scale: int = 6, pad: int = 3) -> np.ndarray:
-    """(P, n, H, W, C) uint8 → one image, a row per prompt, pixels upscaled ``scale``× (no
-    interpolation blur) and separated by gutters: gray (H', W') for one channel, RGB for three."""
-    p, _, h, w, c = images.shape
-    rgb = c == 3
-    hs, ws = h * scale, w * scale
-    shape = (p * (hs + pad) + pad, columns * (ws + pad) + pad) + ((3,) if rgb else ())
-    out = np.full(shape, 200 if rgb else 60, dtype=np.uint8)
-    block = np.ones((scale, scale, 1) if rgb else (scale, scale), dtype=np.uint8)
-    for i in range(p):
-        for j in range(columns):
-            y, x = pad + i * (hs + pad), pad + j * (ws + pad)
-            cell = images[i, j] if rgb else images[i, j].mean(-1).astype(np.uint8)
-            out[y:y + hs, x:x + ws] = np.kron(cell, block)
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where everything of a sample grid goes, in pixels of the PNG.
+
+    Samples are drawn at their native size (``zoom`` 1), enlarged ``zoom``× when tiny (the
+    digits world's 8×8), or shrunk 1/``shrink`` when a panel's row would pass
+    ``MAX_PANEL_WIDTH``; the title states which. The prompt labels take a column of their own
+    left of the first panel and each title is wrapped to its panel's width, so no text
+    overlaps another text or a sample.
+    """
+
+    cell_h: int  # px of one drawn sample
+    cell_w: int
+    zoom: int
+    shrink: int
+    rows: int  # prompts
+    columns: int  # samples per prompt
+    panels: int
+    font_px: int
+    line_h: int
+    label_w: int  # px of the prompt column (its text and a gap)
+    title_h: int  # px above the samples for the (wrapped) titles
+    panel_w: int  # px of one panel: its samples, or its title's longest word if wider
+    mosaic_w: int  # px of one panel's samples and gutters
+    mosaic_h: int
+    titles: tuple[str, ...]  # each panel's title, ending in the scale the samples are drawn at
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the picture."""
+        width = 2 * MARGIN + self.label_w + self.panels * self.panel_w + (self.panels - 1) * GAP
+        return width, 2 * MARGIN + self.title_h + self.mosaic_h
+
+    def panel_x(self, panel: int) -> int:
+        return MARGIN + self.label_w + panel * (self.panel_w + GAP)
+
+    def cell_origin(self, panel: int, row: int, column: int) -> tuple[int, int]:
+        """(x, y) of the top-left pixel of sample ``column`` of prompt ``row`` in ``panel``."""
+        x = self.panel_x(panel) + (self.panel_w - self.mosaic_w) // 2 + PAD + column * (self.cell_w + PAD)
+        return x, MARGIN + self.title_h + PAD + row * (self.cell_h + PAD)
+
+
+
+def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    from matplotlib import font_manager
+
+    try:  # matplotlib (a dependency) ships DejaVu Sans
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), px)
+    except OSError:
+        return ImageFont.load_default(px)
+
+
+def _text_w(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> int:
+    return int(np.ceil(font.getlength(text)))
+
+
+def _wrap(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px, broken between words (a single word wider
+    than ``width`` keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_w(font, f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _clip_lines(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, lines: list[str], width: int,
+                most: int) -> list[str]:
+    """At most ``most`` lines (≥ 1), each no wider than ``width`` px; cut text ends in '…'."""
+    most = max(1, most)
+    kept = lines[:most]
+    cut = len(lines) > most
+    out = []
+    for i, line in enumerate(kept):
+        last = i == len(kept) - 1
+        if _text_w(font, line) <= width and not (last and cut):
+            out.append(line)
+            continue
+        while line and _text_w(font, line + "…") > width:
+            line = line[:-1]
+        out.append(line.rstrip() + "…")
     return out
 
 
-def _grid_panel(ax, ev: Evaluation, columns: int, title: str, labels: bool = True) -> None:  # noqa: ANN001 - an Axes
-    """One labelled row of ``columns`` samples per prompt of ``ev`` on ``ax``."""
-    scale = max(1, 48 // ev.images.shape[2])
-    m = _mosaic(ev.images, columns, scale)
-    ax.imshow(m, interpolation="nearest", **({} if m.ndim == 3 else {"cmap": "gray_r", "vmin": 0, "vmax": 255}))
-    h = ev.images.shape[2] * scale + 3
-    ax.set_yticks([3 + h * i + (h - 3) / 2 for i in range(len(ev.prompts))])
-    ax.set_yticklabels(ev.prompts if labels else [""] * len(ev.prompts), fontsize=8)
-    ax.set_xticks([])
-    ax.set_title(title, fontsize=9)
+def grid_layout(height: int, width: int, rows: int, columns: int, titles: list[str], prompts: list[str],
+                max_panel_width: int = MAX_PANEL_WIDTH) -> GridLayout:
+    """The layout of ``len(titles)`` panels of ``rows`` × ``columns`` samples of
+    ``height`` × ``width`` px, the ``prompts`` labelling the rows; each title gets the scale
+    the samples are drawn at appended."""
+    zoom = max(1, -(-MIN_CELL // max(height, width)))  # ceil: the smallest integer reaching MIN_CELL
+    shrink = 1
+    if zoom == 1:
+        while columns * (width // shrink) > max_panel_width and width // (shrink + 1) >= MIN_CELL:
+            shrink += 1
+    cell_h, cell_w = height * zoom // shrink, width * zoom // shrink
+    scale = f"shown ×{zoom}" if zoom > 1 else f"shown at 1/{shrink}" if shrink > 1 else "1:1"
+    titles = [f"{t} · {height}×{width} px {scale}" for t in titles]
+    font_px = int(np.clip(cell_h // 16, 12, 28))
+    font = _font(font_px)
+    line_h = int(round(font_px * 1.3))
+    mosaic_w, mosaic_h = columns * (cell_w + PAD) + PAD, rows * (cell_h + PAD) + PAD
+    longest_word = max((_text_w(font, w) for t in titles for w in t.split()), default=0)
+    panel_w = max(mosaic_w, longest_word + 2 * PAD)
+    lines = max(len(_wrap(font, t, panel_w)) for t in titles)
+    label_w = min(max((_text_w(font, p) for p in prompts), default=0), 22 * font_px) + font_px
+    return GridLayout(cell_h=cell_h, cell_w=cell_w, zoom=zoom, shrink=shrink, rows=rows, columns=columns,
+                      panels=len(titles), font_px=font_px, line_h=line_h, label_w=label_w,
+                      title_h=lines * line_h + font_px // 2, panel_w=panel_w, mosaic_w=mosaic_w, mosaic_h=mosaic_h,
+                      titles=tuple(titles))
 
 
-def _save(fig, path: Path, dpi: int = 110) -> Path:  # noqa: ANN001 - a Figure
+def _cells(images: np.ndarray, layout: GridLayout) -> np.ndarray:
+    """(P, n, H, W, C) uint8 → (P, n, cell_h, cell_w, 3) as drawn: one channel as dark ink on
+    light (the digits), enlarged by repeating pixels or shrunk by area averaging."""
+    x = images if images.shape[-1] == 3 else np.repeat(255 - images.mean(-1, keepdims=True).astype(np.uint8), 3, -1)
+    if layout.zoom > 1:
+        x = x.repeat(layout.zoom, axis=2).repeat(layout.zoom, axis=3)
+    if layout.shrink > 1:
+        p, n = x.shape[:2]
+        out = np.empty((p, n, layout.cell_h, layout.cell_w, 3), dtype=np.uint8)
+        for i in range(p):
+            for j in range(n):
+                out[i, j] = np.asarray(Image.fromarray(x[i, j]).resize(
+                    (layout.cell_w, layout.cell_h), Image.Resampling.BOX))
+        x = out
+    return x
+
+
+def render_grid(panels: list[tuple[Evaluation, str]], columns: int,
+                max_panel_width: int = MAX_PANEL_WIDTH) -> tuple[Image.Image, GridLayout]:
+    """Panels side by side, each a titled mosaic of the first ``columns`` samples of every prompt
+    of its evaluation (one row per prompt, labelled once at the left), samples at native size
+    (see :class:`GridLayout`). The evaluations share their prompts and image size."""
+    first = panels[0][0]
+    p, n, h, w, _ = first.images.shape
+    columns = min(columns, n)
+    layout = grid_layout(h, w, p, columns, [t for _, t in panels], list(first.prompts), max_panel_width)
+    font = _font(layout.font_px)
+    canvas = Image.new("RGB", layout.size, "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, ((ev, _), title) in enumerate(zip(panels, layout.titles, strict=True)):
+        x0 = layout.panel_x(k) + (layout.panel_w - layout.mosaic_w) // 2
+        draw.rectangle([x0, MARGIN + layout.title_h, x0 + layout.mosaic_w - 1,
+                        MARGIN + layout.title_h + layout.mosaic_h - 1], fill=(200, 200, 200))
+        cells = _cells(ev.images[:, :columns], layout)
+        for i in range(p):
+            for j in range(columns):
+                canvas.paste(Image.fromarray(cells[i, j]), layout.cell_origin(k, i, j))
+        for li, line in enumerate(_wrap(font, title, layout.panel_w)):
+            draw.text((layout.panel_x(k), MARGIN + li * layout.line_h), line, fill="black", font=font)
+    text_w = layout.label_w - layout.font_px
+    fits = max(1, (layout.cell_h + PAD) // layout.line_h)
+    for i, prompt in enumerate(first.prompts):
+        lines = _clip_lines(font, _wrap(font, prompt, text_w), text_w, fits)
+        _, y = layout.cell_origin(0, i, 0)
+        top = y + (layout.cell_h - len(lines) * layout.line_h) // 2
+        for li, line in enumerate(lines):
+            draw.text((MARGIN, top + li * layout.line_h), line, fill="black", font=font)
+    return canvas, layout
+
+
+def _save_png(image: Image.Image, path: Path) -> Path:
+    image.save(path, format="PNG", optimize=False)
+    return path
+
+
+def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int = 8) -> Path:
+    """Side-by-side grids, one labelled row per prompt: before (left) and after (right)."""
+    image, _ = render_grid([(before, f"before (v{before.version}) reward {before.reward:.3f}"),
+                            (after, f"after (v{after.version}) reward {after.reward:.3f}")], columns)
+    return _save_png(image, path)
+
+
+def eval_grid(ev: Evaluation, path: Path, columns: int = 8) -> Path:
+    """One labelled row of samples per prompt."""
+    image, _ = render_grid([(ev, f"reward {ev.reward:.3f}, diversity {ev.diversity:.3f}")], columns)
+    return _save_png(image, path)
+
+
+def _save(fig: Figure, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
 
-def sample_grid(before: Evaluation, after: Evaluation, path: Path, columns: int = 8) -> Path:
-    """Side-by-side grids, one labelled row per prompt: before (left) and after (right)."""
-    columns = min(columns, before.images.shape[1])
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 2 * 0.42 * columns, 0.5 + 0.42 * len(before.prompts)))
-    for ax, ev, title in ((axes[0], before, "before"), (axes[1], after, "after")):
-        _grid_panel(ax, ev, columns, f"{title} (v{ev.version}) reward {ev.reward:.3f}", labels=ax is axes[0])
-    return _save(fig, path)
-
-
-def eval_grid(ev: Evaluation, path: Path, columns: int = 8) -> Path:
-    """One labelled row of samples per prompt."""
-    columns = min(columns, ev.images.shape[1])
-    fig, ax = plt.subplots(figsize=(2.2 + 0.42 * columns, 0.5 + 0.42 * len(ev.prompts)))
-    _grid_panel(ax, ev, columns, f"reward {ev.reward:.3f}, diversity {ev.diversity:.3f}")
-    return _save(fig, path)
+def _integer_ticks(axis: Axis) -> None:
+    """Iterations are whole numbers: no 2.5 on an iteration axis, however short the run."""
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Path:
@@ -72,6 +223,11 @@ def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Pa
     read from metrics.jsonl. ``probability``: the reward is the digits classifier's
     probability, so the axis ends at 1 and the target p + (1 − p)/2 above the base p is drawn;
     otherwise (CLIP, sums of rewards) the axis fits the data."""
+    return _save(reward_curve_figure(metrics_path, probability), path)
+
+
+def reward_curve_figure(metrics_path: Path, probability: bool = True) -> Figure:
+    """The figure of :func:`reward_curve`, unsaved."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     evals = {r["when"]: r["reward"] for r in rows if r.get("kind") == "eval"}
@@ -95,10 +251,11 @@ def reward_curve(metrics_path: Path, path: Path, probability: bool = True) -> Pa
     if probability:
         ax.set_ylim(max(0.0, np.floor((low - 0.05) * 10) / 10), 1.0)
     ax.set_xlabel("iteration")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel("reward (prob. of prompted digit)" if probability else "training reward Σ wᵢ·rᵢ")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return fig
 
 
 def summary_table(before: Evaluation, after: Evaluation) -> str:
@@ -121,6 +278,10 @@ def summary_table(before: Evaluation, after: Evaluation) -> str:
 
 
 def _curves(train: list[dict], path: Path) -> Path:
+    return _save(curves_figure(train), path, dpi=100)
+
+
+def curves_figure(train: list[dict]) -> Figure:
     """Three panels from the training rows: each reward component, batch diversity against the
     training reward (coloured by iteration), and the W2 bound (when the objective reports it)."""
     it = np.array([r["iteration"] for r in train])
@@ -130,13 +291,14 @@ def _curves(train: list[dict], path: Path) -> Path:
     for key in sorted({k for r in train for k in r if k.startswith("reward/")}):
         ax.plot(it, [r.get(key, np.nan) for r in train], lw=1, alpha=0.8, label=key)
     ax.set_xlabel("iteration")
+    _integer_ticks(ax.xaxis)
     ax.set_title("rewards per component", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax = axes[1]
     div = np.array([r.get("diversity", np.nan) for r in train], dtype=float)
     sc = ax.scatter([r["reward_mean"] for r in train], div, c=it, cmap="viridis", s=12)
-    fig.colorbar(sc, ax=ax, label="iteration")
+    _integer_ticks(fig.colorbar(sc, ax=ax, label="iteration").ax.yaxis)
     ax.set_xlabel("training reward")
     ax.set_ylabel("batch diversity (mean pairwise distance)")
     ax.set_title("diversity against reward", fontsize=10)
@@ -148,9 +310,10 @@ def _curves(train: list[dict], path: Path) -> Path:
     else:
         ax.text(0.5, 0.5, "this objective reports no W2 term", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("iteration")
+    _integer_ticks(ax.xaxis)
     ax.set_title("W2 bound (ORW-CFM-W2, Thm 3)", fontsize=10)
     ax.grid(alpha=0.3)
-    return _save(fig, path, dpi=100)
+    return fig
 
 
 def _img(path: Path) -> str:

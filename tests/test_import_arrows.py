@@ -1,6 +1,6 @@
 """The import arrows of ARCHITECTURE.md, read from the source.
 
-    learner → samplers;  services → all;  reward_workers → nothing of ours;
+    learner → samplers;  services → all;  fmrl (the Python API) → all;  reward_workers → nothing of ours;
     samplers → nothing of ours;  objectives → torch and the standard library only.
 """
 
@@ -8,10 +8,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"samplers", "learner", "services", "reward_workers", "telemetry"}
-# telemetry (the metric declarations) is a leaf every package may use
+OURS = {"samplers", "learner", "services", "reward_workers", "telemetry", "fmrl"}
+# telemetry (the metric declarations) is a leaf every package may use; fmrl (the Python API)
+# sits on top: it may use everything, and nothing of ours uses it
 ALLOWED = {"samplers": {"telemetry"}, "reward_workers": {"telemetry"}, "learner": {"samplers", "telemetry"},
-           "services": OURS, "telemetry": set()}
+           "services": OURS - {"fmrl"}, "telemetry": set(), "fmrl": OURS}
 OBJECTIVE_FORBIDDEN = {"ray", "redis", "diffusers", "transformers", "samplers", "services", "reward_workers", "pydantic"}
 
 

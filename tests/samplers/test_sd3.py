@@ -186,6 +186,56 @@ def test_bad_paths_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
         build_tiny_sd3_pipeline(tmp_path / "odd", resolution=20)
 
 
+def test_a_hub_id_downloads_unless_the_user_set_hf_hub_offline(tmp_path, monkeypatch):
+    """fmrl does not force HF_HUB_OFFLINE: a hub id asks the hub (here a stand-in for
+    ``hf_hub_download``, nothing is downloaded) unless the user set it, and a local directory
+    is read with ``local_files_only=True`` either way."""
+    import diffusers
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from samplers.sd3 import locate_sd3_pipeline
+
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(index)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, at import (conftest set it)
+    assert locate_sd3_pipeline("some-org/some-sd3") == "some-org/some-sd3"
+    assert asked == [("some-org/some-sd3", "model_index.json")]
+
+    calls = []
+
+    class FakePipe:
+        def to(self, device):
+            return self
+
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+    def fake_from_pretrained(source, **kwargs):
+        calls.append((source, kwargs["local_files_only"]))
+        return FakePipe()
+
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", fake_from_pretrained)
+    load_sd3_pipeline("some-org/some-sd3")
+    load_sd3_pipeline(str(tmp_path))
+    assert calls == [("some-org/some-sd3", False), (str(tmp_path), True)]
+
+    assert len(asked) == 2  # load_sd3_pipeline located the hub id first
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's choice: the cache only
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        locate_sd3_pipeline("some-org/some-sd3")
+    assert len(asked) == 2
+
+
 def test_cli_writes_a_loadable_pipeline(tmp_path, capsys):
     from services.cli import main
 

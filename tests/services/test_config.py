@@ -41,7 +41,6 @@ def test_make_run_default_is_ac_flow_and_equals_the_tree_defaults():
     ("algorithm.orw.alpha=-0.5", "algorithm.orw.alpha: Input should be greater than or equal to 0"),
     ("algorithm.name=ppo", "algorithm.name: Input should be 'orw_cfm_w2', 'ac_flow'"),
     ("algorithm.advantage_flow.gamma=0.5", "γ + λ − A_max"),
-    ("algorithm.name=flow_grpo", "flow_grpo needs policy.sampler: sde"),
     ("reward.components=[]", "reward.components is empty"),
     ("reward.components=[{kind: clip}, {kind: clip, weight: 2}]", "distinct names; repeated: clip"),
     ("reward.components=[{kind: clip, required: false}]", "at least one must be required"),

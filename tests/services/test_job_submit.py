@@ -136,6 +136,8 @@ def ray_head() -> Iterator[RayHead]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), MARKER: str(temp_dir),
+                # a URI run's staging copy (services/storage.py), not under the user's ~/.cache
+                "FMRL_STAGING_DIR": str(temp_dir.with_name(temp_dir.name + "-staging")),
                 # The job's entrypoint `fmrl` is found on the PATH of the head's processes.
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                 "RAY_USAGE_STATS_ENABLED": "0"})
@@ -170,6 +172,7 @@ def ray_head() -> Iterator[RayHead]:
     finally:
         _stop(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(env["FMRL_STAGING_DIR"], ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -184,12 +187,15 @@ def test_submitted_digits_run_joins_the_cluster(ray_head: RayHead, tmp_path: Pat
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
+    # Durable storage given as a URI: the run is staged on the driver's disk and uploaded there.
     out_dir = tmp_path / "runs"
+    location = f"file://{out_dir}/submitted"
     sid = f"fmrl-test-{secrets.token_hex(4)}"
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.address, "--submission-id", sid,
            "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml", "--",
            "fmrl", "train", "--config", "configs/digits_ac_flow.yaml",
-           "--set", "run.iterations=3", "--set", "run.progress=false", "--set", f"run.out_dir={out_dir}",
+           "--set", "run.iterations=3", "--set", "run.progress=false", "--set", f"run.out_dir=file://{out_dir}",
+           "--set", "run.checkpoint_every=2",
            "--set", "rollout.prompts_per_iteration=4", "--set", "rollout.samples_per_prompt=4",
            "--set", "eval.samples_per_prompt=4", "--set", "eval.grid_columns=4",
            "--set", "resources.sampler_cpus=0.25", "--set", "resources.learner_cpus=0.25",
@@ -213,8 +219,16 @@ def test_submitted_digits_run_joins_the_cluster(ray_head: RayHead, tmp_path: Pat
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["kind"] == "train"] == [0, 1, 2]
     assert [r["when"] for r in rows if r["kind"] == "eval"] == ["before", "after"]
-    assert f"run written to {run_dir}" in logs  # the driver's output reached the job's logs
-    assert summary["run_dir"] == str(run_dir)
+    assert f"run written to {location}" in logs  # the driver's output reached the job's logs
+    assert summary["run_dir"] == location
+    # Durable: everything where the config said, nothing left in Ray's session directory
+    # (which Ray deletes) nor in the staging copy (removed once uploaded).
+    for name in ("config.yaml", "eval_before.npz", "summary.json", "report.html", "checkpoint/policy.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "latest").read_text() == "iter-0000003\n"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter-0000002", "iter-0000003", "latest"]
+    assert not [p for p in ray_head.temp_dir.rglob("submitted*")]
+    assert not any(Path(ray_head.env["FMRL_STAGING_DIR"]).iterdir())
 
     # Joined, not embedded: a driver that started its own Ray would never register with this
     # head's GCS under the submission id, and its actors would live in that other cluster.
@@ -236,6 +250,31 @@ def test_submitted_digits_run_joins_the_cluster(ray_head: RayHead, tmp_path: Pat
         assert not (unpacked / big).exists(), big
 
 
+@pytest.mark.slow
+def test_submitted_run_refuses_a_relative_out_dir(ray_head: RayHead) -> None:
+    """A relative run.out_dir under a job would land in Ray's unpacked working_dir, which Ray
+    deletes: the job fails at once with one line saying what to give instead."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    sid = f"fmrl-test-{secrets.token_hex(4)}"
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.address, "--submission-id", sid,
+           "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml", "--",
+           "fmrl", "train", "--config", "configs/digits_ac_flow.yaml", "--set", "run.out_dir=runs",
+           "--set", "metrics.port=0", "--name", "relative"]
+    client = JobSubmissionClient(ray_head.address, headers=ray_head.headers)
+    try:
+        subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        client.stop_job(sid)
+        pytest.fail(f"the job did not finish within 300 s; its logs:\n{client.get_job_logs(sid)[-4000:]}")
+    info, logs = client.get_job_info(sid), client.get_job_logs(sid)
+    assert info.status == JobStatus.FAILED, f"job {info.status}\n{logs[-4000:]}"
+    errors = [line for line in logs.splitlines() if "run.out_dir='runs' is relative" in line]
+    assert len(errors) == 1 and "absolute shared path" in errors[0] and "URI" in errors[0], logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]
+    assert not [p for p in ray_head.temp_dir.rglob("relative*")]
+
+
 def test_runtime_env_upload_is_small_and_keeps_the_assets(tmp_path: Path) -> None:
     """What `ray job submit --working-dir .` would upload, built by Ray's own packaging code
     (private API, the one the job SDK calls), .gitignore not consulted: the excludes alone
@@ -244,7 +283,8 @@ def test_runtime_env_upload_is_small_and_keeps_the_assets(tmp_path: Path) -> Non
 
     env = _load("runtime_env.yaml")
     assert set(env) == {"excludes", "env_vars"}
-    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    # the user's HF_HUB_OFFLINE stands: the job file does not force the hub off
+    assert "HF_HUB_OFFLINE" not in env["env_vars"]
     pkg = tmp_path / "pkg.zip"
     create_package(str(REPO), pkg, include_gitignore=False, excludes=env["excludes"], logger=None)
     size = pkg.stat().st_size
