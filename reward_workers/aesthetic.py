@@ -93,7 +93,8 @@ class AestheticReward:
             raise ValueError(f"aesthetic head {head_path} takes {d_head}-dim embeddings but the CLIP "
                              f"model at {clip_path} projects to {d_clip}")
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         with torch.no_grad():
             scores = self.head(self.encoder.embed_images(images)).squeeze(-1)

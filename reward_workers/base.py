@@ -21,11 +21,14 @@ class RewardOutput:
 
 
 class Reward(Protocol):
-    """A reward model: ``images`` uint8 (N, H, W, C) and N prompts → RewardOutput."""
+    """A reward model: ``images`` uint8 (N, H, W, C), N prompts and, when the prompts come from a
+    dataset that has it, each prompt's metadata (N JSON dicts; None otherwise) → RewardOutput.
+    The built-in rewards ignore the metadata; a user's (kind python) may read it."""
 
     name: str
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput: ...
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput: ...
 
 
 def check_batch(images: np.ndarray, prompts: list[str], channels: int | None = None) -> None:

@@ -175,12 +175,15 @@ class RewardClient:
         except redis.RedisError:
             pass
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput | None:
         """A remote reward is called like a local one (see :meth:`score`)."""
-        return self.score(images, prompts)
+        return self.score(images, prompts, metadata)
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
-        """Scores for uint8 ``images`` (N, H, W, C) and N ``prompts``, in order.
+    def score(self, images: np.ndarray, prompts: list[str],
+              metadata: list[dict] | None = None) -> RewardOutput | None:
+        """Scores for uint8 ``images`` (N, H, W, C) and N ``prompts``, in order; ``metadata``
+        (one JSON object per prompt, or None) travels in the requests to the reward.
 
         Raises RewardError when the service reports a failure, RewardUnavailable when a
         required reward does not answer within ``attempts × timeout_s`` per request; returns
@@ -195,7 +198,7 @@ class RewardClient:
         bounds = [(s, min(s + per_request, n)) for s in range(0, n, per_request)]
         started = time.monotonic()
         try:
-            results = self._run(images, prompts, bounds)
+            results = self._run(images, prompts, bounds, metadata)
         except RewardUnavailable as e:
             self._errors["unavailable"].inc()
             if self.required:
@@ -221,8 +224,8 @@ class RewardClient:
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, images: np.ndarray, prompts: list[str],
-             bounds: list[tuple[int, int]]) -> list[RewardResult]:
+    def _run(self, images: np.ndarray, prompts: list[str], bounds: list[tuple[int, int]],
+             metadata: list[dict] | None = None) -> list[RewardResult]:
         todo = deque(range(len(bounds)))
         flying: dict[str, _InFlight] = {}
         done: dict[int, RewardResult] = {}
@@ -232,7 +235,8 @@ class RewardClient:
                 while todo and len(flying) < self.max_in_flight:
                     i = todo.popleft()
                     lo, hi = bounds[i]
-                    p = self._submit(i, images[lo:hi], prompts[lo:hi])
+                    p = self._submit(i, images[lo:hi], prompts[lo:hi],
+                                     None if metadata is None else metadata[lo:hi])
                     flying[p.request.request_id] = p
                 now = time.monotonic()
                 for p in [p for p in flying.values() if p.deadline <= now]:
@@ -262,10 +266,11 @@ class RewardClient:
                 self._abandon(list(flying.values()))
         return [done[i] for i in range(len(bounds))]
 
-    def _submit(self, index: int, images: np.ndarray, prompts: list[str]) -> _InFlight:
+    def _submit(self, index: int, images: np.ndarray, prompts: list[str],
+                metadata: list[dict] | None = None) -> _InFlight:
         request, fields = encode_request(
             images, prompts, reward=self.reward, request_id=uuid.uuid4().hex, reply_to=self.reply_key,
-            encoding=self.encoding, limits=self.limits)
+            encoding=self.encoding, limits=self.limits, metadata=metadata)
         now = time.monotonic()
         p = _InFlight(index, request, fields["images"], request_digest(request, fields["images"]),
                       now, now + self.timeout_s)

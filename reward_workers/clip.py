@@ -110,7 +110,8 @@ class CLIPScoreReward:
     def __init__(self, model_path: str | Path, device: str | torch.device = "cpu") -> None:
         self.encoder = ClipEncoder(model_path, device)
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         cos = self.encoder.cosine(images, prompts).double().cpu().numpy()
         return RewardOutput(scores=cos, details={"cosine": cos.copy()})
@@ -131,7 +132,8 @@ class PreferenceReward:
         self.encoder = ClipEncoder(model_path, device)
         self.scale = float(self.encoder.model.logit_scale.detach().exp())
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         cos = self.encoder.cosine(images, prompts).double().cpu().numpy()
         return RewardOutput(scores=self.scale * cos, details={"cosine": cos})

@@ -33,9 +33,10 @@ class WeightedSum:
                 raise ValueError(f"component {n!r} has a non-finite weight {w}")
         self.components = [(n, float(w), r) for n, w, r in components]
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
-        return combine([(name, weight, reward(images, prompts)) for name, weight, reward in self.components],
+        return combine([(name, weight, reward(images, prompts, metadata)) for name, weight, reward in self.components],
                        len(prompts))
 
 

@@ -2,7 +2,8 @@
 
 A request is one Redis stream entry with two fields:
 
-- ``meta``: the JSON of a :class:`RewardRequest` (ids, reward name, prompts, image metadata);
+- ``meta``: the JSON of a :class:`RewardRequest` (ids, reward name, prompts, image metadata,
+  and each prompt's metadata from its dataset row: JSON objects, bounded like the rest);
 - ``images``: the image bytes themselves, binary, never base64:
   ``"png"`` — one lossless PNG per image, concatenated, each one's length in the metadata;
   ``"raw"`` — the uint8 array (N, H, W, C) in C order, N·H·W·C bytes.
@@ -33,7 +34,7 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from reward_workers.base import RewardOutput
 
@@ -102,7 +103,10 @@ class RequestLimits(BaseModel):
         "splits batches to fit")
     max_bytes: int = Field(64 * 2**20, ge=1, description="largest encoded image payload in bytes")
     max_meta_bytes: int = Field(4 * 2**20, ge=1, description="largest ``meta`` field (JSON with "
-                                "the prompts) in bytes, checked before it is parsed")
+                                "the prompts and their metadata) in bytes, checked before it is parsed")
+    max_prompt_metadata_bytes: int = Field(
+        16 * 1024, ge=2, description="largest metadata of one prompt (its JSON object) in bytes; "
+        "a prompt dataset's reader refuses larger rows before a run starts")
 
     @property
     def max_entry_bytes(self) -> int:
@@ -150,6 +154,8 @@ class RewardRequest(BaseModel):
     reward: the reward's name (its registry kind); a service serves exactly one.
     reply_to: the client's notification list; the service pushes ``request_id`` onto it.
     created_at: Unix time of the first submission. attempt: 1 for the first submission.
+    metadata: None, or one JSON object per prompt (its dataset row's other fields), handed to
+    the reward as its third argument; each at most ``max_prompt_metadata_bytes`` as JSON.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -162,6 +168,7 @@ class RewardRequest(BaseModel):
     reply_to: str = Field(min_length=1, max_length=512)
     created_at: float
     attempt: int = Field(1, ge=1)
+    metadata: list[dict[str, JsonValue]] | None = None
 
 
 DetailValues = list[bool] | list[int] | list[float]
@@ -379,14 +386,21 @@ def decode_images(meta: ImageBatch, data: bytes, limits: RequestLimits | None = 
 def encode_request(images: np.ndarray, prompts: list[str], *, reward: str, request_id: str,
                    reply_to: str, encoding: ImageEncoding = "png", attempt: int = 1,
                    created_at: float | None = None, limits: RequestLimits | None = None,
-                   ) -> tuple[RewardRequest, dict[str, bytes]]:
-    """A request and the stream-entry fields (``meta`` JSON, ``images`` bytes) that carry it."""
+                   metadata: list[dict] | None = None) -> tuple[RewardRequest, dict[str, bytes]]:
+    """A request and the stream-entry fields (``meta`` JSON, ``images`` bytes) that carry it;
+    ``metadata``: one JSON object per prompt, or None."""
     if len(prompts) != len(images):
         raise ContractError("prompt_count", f"{len(images)} images but {len(prompts)} prompts")
+    limits = limits or RequestLimits()
+    if metadata is not None:
+        check_metadata(metadata, len(prompts), limits)
     meta, data = encode_images(images, encoding, limits)
-    request = RewardRequest(request_id=request_id, reward=reward, prompts=list(prompts), images=meta,
-                            reply_to=reply_to, created_at=time.time() if created_at is None else created_at,
-                            attempt=attempt)
+    try:
+        request = RewardRequest(request_id=request_id, reward=reward, prompts=list(prompts), images=meta,
+                                reply_to=reply_to, created_at=time.time() if created_at is None else created_at,
+                                attempt=attempt, metadata=None if metadata is None else list(metadata))
+    except ValidationError as e:  # e.g. a metadata value that is not JSON
+        raise ContractError("malformed", f"invalid request: {_one_line(e)}") from None
     return request, request_fields(request, data)
 
 
@@ -443,7 +457,25 @@ def decode_request(fields: Mapping[bytes | str, bytes], *, reward: str,
     if len(request.prompts) != request.images.count:
         raise ContractError("prompt_count", f"{request.images.count} images but "
                             f"{len(request.prompts)} prompts")
+    if request.metadata is not None:
+        check_metadata(request.metadata, len(request.prompts), limits)
     return request, decode_images(request.images, data, limits)
+
+
+def check_metadata(metadata: list[dict], n: int, limits: RequestLimits) -> None:
+    """One JSON object per prompt, each within ``limits.max_prompt_metadata_bytes``."""
+    if len(metadata) != n:
+        raise ContractError("prompt_count", f"{n} prompts but {len(metadata)} metadata entries")
+    for i, m in enumerate(metadata):
+        if not isinstance(m, dict):
+            raise ContractError("malformed", f"metadata {i} must be a JSON object, got {type(m).__name__}")
+        try:
+            size = len(json.dumps(m, allow_nan=False, ensure_ascii=False).encode())
+        except (TypeError, ValueError) as e:
+            raise ContractError("malformed", f"metadata {i} is not JSON: {e}") from None
+        if size > limits.max_prompt_metadata_bytes:
+            raise ContractError("too_large", f"metadata {i} takes {size} bytes as JSON, more than the "
+                                f"limit of {limits.max_prompt_metadata_bytes}")
 
 
 def request_digest(request: RewardRequest, data: bytes) -> str:
@@ -452,9 +484,10 @@ def request_digest(request: RewardRequest, data: bytes) -> str:
     Not of its id, reply list, time or attempt: a resubmission has the digest of its original,
     a request reusing another's id with other images or prompts has another.
     """
-    what = json.dumps({"reward": request.reward, "prompts": request.prompts,
-                       "images": request.images.model_dump(mode="json")},
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    asked = {"reward": request.reward, "prompts": request.prompts, "images": request.images.model_dump(mode="json")}
+    if request.metadata is not None:  # a request without metadata keeps the digest it always had
+        asked["metadata"] = request.metadata
+    what = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     h = hashlib.sha256(len(what).to_bytes(8, "big"))
     h.update(what)
     h.update(data)

@@ -156,7 +156,8 @@ class DigitsClassifierReward:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.model = load_classifier(Path(path))
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         target = np.array([prompt_digit(p) for p in prompts], dtype=np.int64)
         probs = classifier_probs(self.model, images)
@@ -192,7 +193,8 @@ class HeldoutSVM:
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.svm.predict(self._features(images))
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         target = np.array([prompt_digit(p) for p in prompts], dtype=np.int64)
         correct = (self.predict(images) == target).astype(np.float64)

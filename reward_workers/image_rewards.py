@@ -48,7 +48,8 @@ class JpegCompressibility:
         self.quality, self.sign = quality, sign
         self.name = "jpeg_compressibility" if sign < 0 else "jpeg_incompressibility"
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         kb = np.array([jpeg_bytes(im, self.quality) / 1000.0 for im in images], dtype=np.float64)
         return RewardOutput(scores=self.sign * kb, details={"jpeg_kb": kb})
@@ -90,7 +91,8 @@ class TargetImageReward:
     def __init__(self, target: str | Path | np.ndarray) -> None:
         self.target = load_target(target).astype(np.float64) / 255.0
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput:
         check_batch(images, prompts)
         if images.shape[1:] != self.target.shape:
             raise ValueError(f"images of shape {images.shape} do not match the target image of shape "

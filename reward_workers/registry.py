@@ -1,9 +1,14 @@
-"""One explicit table from a reward's kind (config, `fmrl reward-worker --reward`) to its builder."""
+"""One explicit table from a reward's kind (config, `fmrl reward-worker --reward`) to its builder.
+
+The kind ``python`` is the open end of the table: a user's callable (reward_workers/custom.py),
+built by :func:`build_python_reward` from its ``package.module:function`` and init kwargs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from reward_workers.base import Reward
 
@@ -80,10 +85,32 @@ REWARDS: dict[str, Callable[[str | Path | None], Reward]] = {
 }
 
 
+PYTHON = "python"
+KINDS = (*REWARDS, PYTHON)
+"""Every kind a component or a service may name."""
+
+
 def build_reward(kind: str, model_path: str | Path | None = None) -> Reward:
     """The reward of ``kind`` loaded from ``model_path`` (its default when None)."""
+    if kind == PYTHON:
+        raise ValueError("reward 'python' needs a callable: build it with build_python_reward")
     try:
         builder = REWARDS[kind]
     except KeyError:
-        raise ValueError(f"unknown reward {kind!r}; valid: {', '.join(sorted(REWARDS))}") from None
+        raise ValueError(f"unknown reward {kind!r}; valid: {', '.join(sorted(KINDS))}") from None
     return builder(model_path)
+
+
+def python_wire_name(spec: str) -> str:
+    """The reward name a python reward's requests carry over Redis: ``python:<callable>``, so its
+    stream is its own and a service running another callable refuses them (``wrong_reward``)."""
+    return f"{PYTHON}:{spec}"
+
+
+def build_python_reward(spec: str, init_kwargs: Mapping[str, Any] | None = None,
+                        name: str | None = None) -> Reward:
+    """The user's reward ``package.module:function`` (or class, built with ``init_kwargs``);
+    ValueError in one line when it cannot be imported or has the wrong signature."""
+    from reward_workers.custom import PythonReward
+
+    return PythonReward(spec, init_kwargs, name=name)

@@ -43,6 +43,7 @@ Run: ``python -m reward_workers.service --reward digits_classifier --redis-url r
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -360,7 +361,9 @@ class RewardService:
             self._finish(eid, rid, request.reply_to, notify=not existing.startswith(RESULT_CONSUMED))
             return
         try:
-            output = self.reward_model(images, list(request.prompts))
+            # metadata only when the request carries some: a two-argument reward serves on
+            extra = () if request.metadata is None else ([dict(m) for m in request.metadata],)
+            output = self.reward_model(images, list(request.prompts), *extra)
             result = RewardResult.from_output(rid, self.config.reward, output, len(images),
                                               worker=self.config.consumer, digest=digest)
         except Exception as e:  # any reward failure is retried, then dead-lettered
@@ -558,8 +561,14 @@ def build_parser(prog: str = "python -m reward_workers.service") -> argparse.Arg
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=_Help,
         description="Serve one reward model from a Redis request stream (consumer group).")
-    p.add_argument("--reward", required=True, help="reward kind (reward_workers.registry)")
+    p.add_argument("--reward", required=True, help="reward kind (reward_workers.registry), or python "
+                   "with --callable")
     p.add_argument("--model-path", default=None, help="weights directory or file (the kind's default if omitted)")
+    p.add_argument("--callable", default=None, metavar="MODULE:FUNCTION",
+                   help="with --reward python: the reward function or class, f(images, prompts, metadata) "
+                   "(docs/rewards.md); requests name it, so its stream is fmrl:reward:python:MODULE:FUNCTION")
+    p.add_argument("--init-kwargs", default=None, metavar="JSON",
+                   help="with --reward python and a class: its constructor's keyword arguments, a JSON object")
     p.add_argument("--redis-url", required=True,
                    help="redis://[user:password@]host:port/db, or rediss://…?ssl_ca_certs=… for TLS")
     p.add_argument("--stream", default=None, help="request stream (default fmrl:reward:{reward}:requests)")
@@ -592,6 +601,27 @@ def build_parser(prog: str = "python -m reward_workers.service") -> argparse.Arg
     return p
 
 
+def _python_args(args: argparse.Namespace) -> tuple[str, dict]:
+    """The service's reward name and a python reward's init kwargs; ValueError for a bad mix."""
+    from reward_workers.registry import PYTHON, python_wire_name
+
+    if args.reward != PYTHON:
+        if args.callable is not None or args.init_kwargs is not None:
+            raise ValueError("--callable and --init-kwargs go with --reward python only")
+        return args.reward, {}
+    if args.callable is None:
+        raise ValueError("--reward python needs --callable MODULE:FUNCTION")
+    if args.model_path is not None:
+        raise ValueError("--reward python takes no --model-path (pass it in --init-kwargs)")
+    try:
+        init_kwargs = json.loads(args.init_kwargs) if args.init_kwargs is not None else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--init-kwargs is not JSON: {e}") from None
+    if not isinstance(init_kwargs, dict):
+        raise ValueError(f"--init-kwargs must be a JSON object, got {type(init_kwargs).__name__}")
+    return python_wire_name(args.callable), init_kwargs
+
+
 def _client_name(consumer: str) -> str:
     return "fmrl-reward-" + re.sub(r"[^A-Za-z0-9_.\-:]", "_", consumer)
 
@@ -602,8 +632,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m reward_worker
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prog = "reward service"
     try:
+        reward_name, init_kwargs = _python_args(args)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
         kw = {k: v for k, v in dict(
-            reward=args.reward, stream=args.stream, group=args.group, dead_stream=args.dead_stream,
+            reward=reward_name, stream=args.stream, group=args.group, dead_stream=args.dead_stream,
             consumer=args.consumer, batch=args.batch, block_ms=args.block_ms,
             claim_idle_s=args.claim_idle_s, max_deliveries=args.max_deliveries,
             retry_after_s=args.retry_after_s, result_ttl_s=args.result_ttl_s,
@@ -623,12 +658,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m reward_worker
     except (ValueError, RedisUnreachable) as e:
         print(f"{prog}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    from reward_workers.registry import build_reward
+    from reward_workers.registry import PYTHON, build_python_reward, build_reward
 
     try:
-        model = build_reward(args.reward, Path(args.model_path) if args.model_path else None)
+        if args.reward == PYTHON:
+            model = build_python_reward(args.callable, init_kwargs, name=reward_name)
+        else:
+            model = build_reward(args.reward, Path(args.model_path) if args.model_path else None)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"{prog}: error: cannot load reward {args.reward!r}: {e}", file=sys.stderr)
+        print(f"{prog}: error: cannot load reward {reward_name!r}: {e}", file=sys.stderr)
         return 2
     service = RewardService(model, client, config)
     metrics_url = "off"

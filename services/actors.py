@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from reward_workers.metrics import client_metric_families
 from samplers.policy import published_state
 from samplers.trajectory import Trajectory
-from services.config import ResourcesConfig, TrainConfig
+from services.config import ResourcesConfig, RewardConfig, TrainConfig
 from services.evaluation import mean_pairwise_distance
 from services.rewards import RewardStage, component_means
 from services.weight_sync import (
@@ -113,22 +113,30 @@ class RewardWorker:
     def __init__(self, cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
         self.stage = RewardStage(cfg.reward)
+        # eval.rewards' components (their weights are not summed: the training reward's checks
+        # do not apply), built at start so a bad one fails before training
+        self.eval_stage = self.stage if cfg.eval.rewards is None else \
+            RewardStage(RewardConfig.model_construct(components=cfg.eval.rewards))
         self.metrics = _ActorMetrics("reward", "fmrl_reward_score_seconds")
 
-    def score(self, *parts: Trajectory) -> dict[str, np.ndarray]:
+    def score(self, *parts: Trajectory, eval_rewards: bool = False,
+              metadata: list[dict] | None = None) -> dict[str, np.ndarray]:
         """Scores of the concatenated batches: ``scores`` (B,), each component's and their
         details, and ``diversity``: the batch's mean pairwise distance within a prompt's samples
-        (pixels in [0, 1], averaged over prompts with two or more), the collapse watch."""
+        (pixels in [0, 1], averaged over prompts with two or more), the collapse watch.
+        ``eval_rewards``: by eval.rewards' components instead (default: the same).
+        ``metadata``: each rollout's prompt's metadata, in the parts' order (prompt datasets)."""
+        stage = self.eval_stage if eval_rewards else self.stage
         with self.metrics.work():
             images = np.concatenate([p.images for p in parts])
             prompts = [s for p in parts for s in p.prompt_list()]
-            scored = self.stage.score(images, prompts)
+            scored = stage.score(images, prompts, metadata)
             groups = [p.images[p.prompt_ids.numpy() == j] for p in parts for j in range(len(p.prompts))]
             spreads = [mean_pairwise_distance(g) for g in groups if len(g) >= 2]
             scored["diversity"] = np.array(np.mean(spreads) if spreads else np.nan)
-        for label, seconds in self.stage.seconds.items():
+        for label, seconds in stage.seconds.items():
             self.metrics.m["fmrl_reward_score_seconds"].observe(seconds, tags={"reward": label})
-        if self.stage.remote:  # the Redis clients' metrics, for the driver's /metrics
+        if stage.remote:  # the Redis clients' metrics, for the driver's /metrics
             scored["_client_metrics"] = client_metric_families()
         return scored
 

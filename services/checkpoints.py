@@ -189,12 +189,15 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def read_driver_state(ckpt: Path) -> dict[str, Any]:
     """driver.json of a checkpoint: the iteration to continue at, the published version, the
-    elapsed time and the pipeline's totals; a one-line error naming the file otherwise."""
+    elapsed time, the pipeline's totals and (a dataset's run) the prompt cursor; a one-line
+    error naming the file otherwise."""
     path = ckpt / "driver.json"
     try:
         raw = json.loads(path.read_text())
         state = {"iteration": int(raw["iteration"]), "version": int(raw["version"]),
                  "elapsed_s": float(raw["elapsed_s"]), "totals": dict(raw["totals"])}
+        if raw.get("prompts") is not None:  # rollout.dataset's cursor (services/datasets.py)
+            state["prompts"] = dict(raw["prompts"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a valid checkpoint record ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -233,7 +236,9 @@ def metrics_upto(path: Path, next_it: int) -> list[str]:
         try:
             row = json.loads(line)
             kind = row["kind"]
-            if (kind == "eval" and row["when"] == "before") or (kind == "train" and int(row["iteration"]) < next_it):
+            # an evaluation between batches after k iterations precedes the checkpoint at k
+            if (kind == "eval" and row["when"] == "before") or (kind == "train" and int(row["iteration"]) < next_it) \
+                    or (kind == "eval" and row["when"] == "iteration" and int(row["iteration"]) <= next_it):
                 keep.append(line)
         except (ValueError, KeyError, TypeError) as exc:
             if i == len(lines):

@@ -67,7 +67,9 @@ def ensure_ray(cfg: TrainConfig) -> bool:
 def start_embedded(num_cpus: int | None) -> None:
     """A new single-node cluster on 127.0.0.1 whose processes end with this one."""
     _close_guard()  # a previous embedded cluster of this process is shut down by now
-    cluster_guard.reap_orphans()
+    from ray._common.utils import get_default_ray_temp_dir  # where ray.init puts its sessions
+
+    cluster_guard.reap_orphans(Path(get_default_ray_temp_dir()))
     mark = f"{os.getpid()}.{cluster_guard.start_time(os.getpid())}.{secrets.token_hex(4)}"
     with _set_env(cluster_guard.MARK_VAR, mark), _loopback_node_ip():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
@@ -125,6 +127,7 @@ def _start_guard(mark: str) -> None:
 
     node = worker._global_node  # noqa: SLF001 - Ray's record of this session's directories
     session = node.get_session_dir_path()
+    (Path(session) / cluster_guard.MARK_FILE).write_text(mark + "\n")  # for reap_orphans
     with (Path(node.get_logs_dir_path()) / "fmrl_cluster_guard.err").open("a") as err:
         # Own session: a signal to the driver's process group (Ctrl-C, a job runner) spares it.
         _guard = subprocess.Popen([sys.executable, "-I", cluster_guard.__file__, mark, session],

@@ -14,7 +14,8 @@ in the cluster's session directory. Two ways the leftovers are stopped:
   mark or holds a file of the session open (a renamed process, ``ray::DashboardAgent``, has
   overwritten part of its environment block with its title, so the mark alone could be missed);
 - ``reap_orphans`` (at the next embedded start) stops the processes of any mark whose driver is
-  no longer running, for when the guard was killed too.
+  no longer running, and those holding files of its session open (the session records its mark
+  in ``MARK_FILE``), for when the guard was killed too.
 
 Linux only (it reads /proc); elsewhere it finds nothing.
 """
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 MARK_VAR = "FMRL_EMBEDDED_RAY"
+MARK_FILE = "fmrl_embedded_mark"  # in the session directory: the mark of the driver that started it
 GRACE_S = 3.0  # SIGTERM first, SIGKILL after this
 
 
@@ -100,13 +102,29 @@ def stop(pids: list[int]) -> list[int]:
     return left
 
 
-def reap_orphans() -> list[int]:
-    """Stop the processes of every embedded cluster whose driver is gone; returns their pids."""
+def reap_orphans(ray_root: Path | None = None) -> list[int]:
+    """Stop the processes of every embedded cluster whose driver is gone; returns their pids.
+
+    They are found by their mark and, for the clusters under ``ray_root`` (Ray's temporary
+    directory; each embedded start leaves ``MARK_FILE`` in its session directory), by the files
+    of their session they hold open: a renamed process whose environment block no longer shows
+    the mark is found that way, as the guard finds it."""
     found = marks()
     dead = {m for m in set(found.values()) if not driver_alive(m)}
-    pids = [p for p, m in found.items() if m in dead]
-    stop(pids)
-    return pids
+    pids = {p for p, m in found.items() if m in dead}
+    records = []
+    for record in sorted(ray_root.glob(f"session_*/{MARK_FILE}")) if ray_root is not None else ():
+        try:
+            mark = record.read_text().strip()
+        except OSError:
+            continue
+        if not driver_alive(mark):
+            records.append(record)
+            pids |= set(holding(str(record.parent)))
+    stop(sorted(pids))
+    for record in records:  # reaped: not looked at again
+        record.unlink(missing_ok=True)
+    return sorted(pids)
 
 
 def main(mark: str, session: str) -> None:

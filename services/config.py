@@ -9,6 +9,7 @@ samplers are placed follows from ``resources``.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import types
 from pathlib import Path, PurePath
@@ -144,11 +145,32 @@ class PolicyConfig(_Strict):
     sde_a: Float = Field(0.7, gt=0, description="Noise level a of the SDE sampler: σ_t = a·sqrt(t/(1 − t)).")
 
 
+DatasetFormat = Literal["auto", "txt", "jsonl", "json", "csv", "parquet", "hf"]
+
+
+class DatasetConfig(_Strict):
+    """A prompt dataset: a file or a local Hugging Face ``datasets`` directory (services/datasets.py)."""
+
+    path: Path = Field(description="A .txt (one prompt a line; blank lines and # comments skipped), .jsonl/.json "
+                       "(objects with the prompt field plus metadata fields), .csv, .parquet, or a directory "
+                       "written by datasets' save_to_disk.")
+    format: DatasetFormat = Field("auto", description="The file's format; auto: from the suffix (a directory: hf).")
+    split: str | None = Field(None, description="A DatasetDict directory: the split to read (default: its only "
+                              "split, else 'train'); a file: keep only the rows whose 'split' field equals it.")
+    prompt_field: str = Field("prompt", min_length=1, description="The field (column) holding the prompt; every "
+                              "other field is the prompt's metadata, handed to the rewards.")
+    shuffle: bool = Field(True, description="Shuffle the prompts anew each epoch (by seed); false: file order.")
+    seed: Int = Field(0, ge=0, le=SEED_MAX, description="Seed of the per-epoch shuffles (and of eval.split_from_train).")
+
+
 class RolloutConfig(_Strict):
     prompts: list[str] = Field(
         default_factory=default_prompts,
-        description="Prompts cycled through by the driver.",
+        description="Prompts cycled through by the driver (when no rollout.dataset is given).",
     )
+    dataset: DatasetConfig | None = Field(
+        None, description="Training prompts from a dataset instead of the inline list: epochs of "
+        "prompts_per_iteration distinct prompts per iteration, shuffled per epoch (README, 'Bring your own prompts').")
     prompts_per_iteration: Int | None = Field(
         None, ge=1, description="Distinct prompts in one rollout batch, cycling through the list; default: all of them.")
     samples_per_prompt: Int = Field(16, ge=1, le=MAX_SAMPLES_PER_PROMPT,
@@ -170,8 +192,22 @@ class RolloutConfig(_Strict):
         """The number of distinct prompts per rollout batch."""
         return self.prompts_per_iteration or len(self.prompts)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        # the inline list keeps its default beside a dataset (a full dump carries both); a list
+        # given with other prompts would be silently ignored, so it is refused
+        if isinstance(data, dict) and data.get("dataset") is not None and data.get("prompts") is not None \
+                and data["prompts"] != default_prompts():
+            raise ValueError("give rollout.prompts or rollout.dataset, not both")
+        return data
+
     @model_validator(mode="after")
     def _fits(self) -> RolloutConfig:
+        if self.dataset is not None:
+            if self.prompts_per_iteration is None:
+                raise ValueError("rollout.dataset needs rollout.prompts_per_iteration (distinct prompts per batch)")
+            return self  # checked against the dataset's size when it is read
         if self.prompts_per_iteration is not None and self.prompts_per_iteration > len(self.prompts):
             raise ValueError(f"prompts_per_iteration={self.prompts_per_iteration} exceeds the "
                              f"{len(self.prompts)} prompts given")
@@ -264,7 +300,7 @@ class LearnerConfig(_Strict):
 
 
 RewardKind = Literal["digits_classifier", "clip", "pickscore", "aesthetic", "jpeg_compressibility",
-                     "jpeg_incompressibility", "target_image"]
+                     "jpeg_incompressibility", "target_image", "python"]
 
 
 class RedisRewardConfig(_Strict):
@@ -295,10 +331,53 @@ class RewardComponentConfig(_Strict):
     required: bool = Field(True, description="A required reward that stays unavailable stops the run; an optional "
                            "one is left out of that batch's sum (counted).")
     redis: RedisRewardConfig = Field(default_factory=RedisRewardConfig, description="Used when transport is redis.")
+    callable: str | None = Field(None, max_length=120, description="kind python only: the reward, "
+                                 "'package.module:function' (or a class, built once per reward actor "
+                                 "with init_kwargs) called as f(images, prompts, metadata) (docs/rewards.md).")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="kind python, transport ray only: "
+                                        "keyword arguments (JSON) of the callable's class; a service takes "
+                                        "them as `fmrl reward-worker --init-kwargs`.")
 
     @property
     def label(self) -> str:
         return self.name or self.kind
+
+    @field_validator("init_kwargs")
+    @classmethod
+    def _json_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:  # what a service receives as --init-kwargs JSON: finite numbers, no objects
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"must be JSON values with finite numbers ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _python_callable(self) -> RewardComponentConfig:
+        """A python reward's callable is imported and its signature checked here, so a bad one
+        is refused before any actor starts; a service's lives where the service runs."""
+        if self.kind != "python":
+            if self.callable is not None or self.init_kwargs:
+                raise ValueError(f"reward {self.label!r}: callable and init_kwargs belong to kind python only")
+            return self
+        if self.callable is None:
+            raise ValueError(f"reward {self.label!r}: kind python needs callable: 'package.module:function'")
+        if self.model_path is not None:
+            raise ValueError(f"reward {self.label!r}: kind python takes no model_path (pass it in init_kwargs)")
+        from reward_workers.custom import CALLABLE_PATTERN, check_callable
+
+        if self.transport == "redis":
+            if self.init_kwargs:
+                raise ValueError(f"reward {self.label!r}: init_kwargs of a redis reward are the service's "
+                                 "(`fmrl reward-worker --init-kwargs`), not the run's")
+            if not re.fullmatch(CALLABLE_PATTERN, self.callable):
+                raise ValueError(f"reward {self.label!r}: callable {self.callable!r} is not of the form "
+                                 "'package.module:function'")
+            return self
+        try:
+            check_callable(self.callable, self.init_kwargs)
+        except ValueError as e:
+            raise ValueError(f"reward {self.label!r}: {e}") from None
+        return self
 
 
 class RewardConfig(_Strict):
@@ -395,6 +474,37 @@ class EvalConfig(_Strict):
                                     description="Evaluation samples per prompt (before and after).")
     seed: Int = Field(12345, ge=0, le=SEED_MAX, description="Seed of the fixed evaluation noise.")
     grid_columns: Int = Field(8, ge=1, le=32, description="Samples per prompt shown in the before/after grid.")
+    dataset: DatasetConfig | None = Field(None, description="Evaluation prompts from a dataset (every row, in "
+                                          "file order); default: the distinct training prompts.")
+    split_from_train: Float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of "
+                                           "rollout.dataset's rows (chosen by rollout.dataset.seed) as the "
+                                           "evaluation prompts; training never sees them.")
+    every: Int = Field(0, ge=0, description="Also evaluate after every this many iterations (between batches, "
+                       "on the samplers' policy version; metrics.jsonl rows of kind eval, when 'iteration'); "
+                       "0: only before and after training.")
+    rewards: list[RewardComponentConfig] | None = Field(
+        None, description="The rewards every evaluation reports (each component's mean; weights unused), "
+        "including ones the run does not train on (an unseen reward); default: reward.components.")
+    watch_factor: Float = Field(1.5, gt=1, description="Reward-hacking watch: an evaluation's image statistic or "
+                                "diversity this factor or more above or below the base policy's is a drift "
+                                "(exported as fmrl_eval_watch_factor; the FmrlRewardHacking alert compares).")
+
+    @model_validator(mode="after")
+    def _eval_rewards(self) -> EvalConfig:
+        if self.rewards is not None:
+            if not self.rewards:
+                raise ValueError("eval.rewards is empty: leave it out to report the training rewards")
+            labels = [c.label for c in self.rewards]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"eval.rewards need distinct names; repeated: {', '.join(dup)} (set name:)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> EvalConfig:
+        if self.dataset is not None and self.split_from_train is not None:
+            raise ValueError("give eval.dataset or eval.split_from_train, not both")
+        return self
 
 
 PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
@@ -503,8 +613,11 @@ class TrainConfig(_Strict):
         if self.reward.uses("digits_classifier"):
             from reward_workers.digits import prompt_digit
 
-            for p in self.rollout.prompts:
-                prompt_digit(p)  # raises, naming the prompt, when it names no single digit
+            if self.rollout.dataset is None:  # a dataset's prompts are checked when it is read
+                for p in self.rollout.prompts:
+                    prompt_digit(p)  # raises, naming the prompt, when it names no single digit
+        if self.eval.split_from_train is not None and self.rollout.dataset is None:
+            raise ValueError("eval.split_from_train splits rollout.dataset; give one (or eval.dataset)")
         if self.resources.num_samplers > self.rollout.batch_prompts:
             raise ValueError(f"resources.num_samplers={self.resources.num_samplers} exceeds the "
                              f"{self.rollout.batch_prompts} prompts of a rollout batch: a sampler would have no prompt")

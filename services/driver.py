@@ -50,7 +50,15 @@ from services.checkpoints import (
 )
 from services.cluster import ensure_ray
 from services.config import TrainConfig, dump_config, validate_config
-from services.evaluation import Evaluation, eval_plan, evaluation_of, seed_for
+from services.datasets import (
+    Prompts,
+    check_cursor,
+    cursor_record,
+    load_prompts,
+    plan_rows,
+    truncation_note,
+)
+from services.evaluation import Evaluation, eval_due, eval_plan, evaluation_of, seed_for
 from services.loggers import (
     ConsoleLogger,
     IterationInfo,
@@ -106,6 +114,7 @@ class Batch:
     iteration: int
     parts: list[Part]
     scores: Any = None
+    metadata: list[dict] | None = None  # each rollout's prompt's dataset metadata, in the parts' order
     launched: float = field(default_factory=time.perf_counter)
     lags: list[int] = field(default_factory=list)
     dropped_stale: int = 0
@@ -240,12 +249,25 @@ class Pipeline:
         return Part(i, prompts, seeds, traj, meta)
 
     def launch(self, it: int, prompts: list[str], seeds: list[int], n: int,
-               cfg_scale: float | None = None, kind: str | None = None) -> Batch:
-        """Rollouts of the prompts divided among samplers (order kept), and their scoring."""
+               cfg_scale: float | None = None, kind: str | None = None,
+               metadata: list[dict] | None = None) -> Batch:
+        """Rollouts of the prompts divided among samplers (order kept), and their scoring;
+        ``metadata``: each prompt's, handed to the rewards with each of its n rollouts."""
         pairs = list(zip(prompts, seeds, strict=True))
         parts = [self._rollout(i, [p for p, _ in chunk], [z for _, z in chunk], n, cfg_scale, kind)
                  for i, chunk in enumerate(split_evenly(pairs, len(self.a.samplers))) if chunk]
-        return Batch(it, parts, self.a.reward.score.remote(*[p.traj for p in parts]))
+        # a sampler's rollouts are prompt-major (n of its first prompt, then n of the next), and
+        # the reward joins the parts in order: each prompt's metadata repeated n times matches
+        per_sample = None if metadata is None else [m for m in metadata for _ in range(n)]
+        batch = Batch(it, parts, metadata=per_sample)
+        batch.scores = self.score(batch)
+        return batch
+
+    def score(self, b: Batch, **kw: Any) -> Any:  # noqa: ANN401 - a Ray object ref
+        """Ask the reward actor for the scores of ``b``'s rollouts (with their prompts' metadata)."""
+        if b.metadata is not None:
+            kw["metadata"] = b.metadata
+        return self.a.reward.score.remote(*[p.traj for p in b.parts], **kw)
 
     def settle(self, b: Batch, max_lag: int, n: int, cfg_scale: float | None = None,
                kind: str | None = None) -> dict[str, Any]:
@@ -280,14 +302,14 @@ class Pipeline:
             raise RuntimeError(f"iteration {b.iteration}: rollouts kept failing after "
                                f"{self.cfg.resources.max_restarts} restarts per sampler")
         if redone:
-            b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
+            b.scores = self.score(b)
         first = [b.scores]
 
         def score() -> Any:
             if first:
                 return first.pop()
             b.lost_reward += 1
-            b.scores = self.a.reward.score.remote(*[p.traj for p in b.parts])
+            b.scores = self.score(b)
             return b.scores
 
         scored = self._retry(score)  # a few floats per rollout; raises the reward's own errors
@@ -312,32 +334,48 @@ class Pipeline:
             raise LearnerLost(f"the learner died at iteration {b.iteration}: {exc}") from None
 
 
-def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | None) -> Evaluation:
-    """CFG-free ODE samples of every prompt from fixed noise, scored by the reward and (digits
-    world) the held-out SVM: the same measurement whichever sampler the algorithm trains with."""
+def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | None, iteration: int = 0,
+             base: Evaluation | None = None) -> Evaluation:
+    """CFG-free ODE samples of every prompt from fixed noise, scored by the reward, by eval.rewards
+    (another call of the reward actor when they differ) and (digits world) the held-out SVM: the
+    same measurement whichever sampler the algorithm trains with. ``base``: the evaluation the
+    watch's drift is measured from."""
+    t0 = time.perf_counter()
     prompts, seeds = eval_plan(cfg)
     n = cfg.eval.samples_per_prompt
-    batch = pipe.launch(-1, prompts, seeds, n, cfg_scale=1.0, kind="ode")
+    batch = pipe.launch(-1, prompts, seeds, n, cfg_scale=1.0, kind="ode", metadata=eval_metadata(cfg))
     scored = pipe.settle(batch, 0, n, cfg_scale=1.0, kind="ode")
+    batch_scores = scored["scores"]
+    components = cfg.eval.rewards or cfg.reward.components
+    if cfg.eval.rewards is not None:
+        scored = pipe._retry(lambda: pipe.score(batch, eval_rewards=True))
+    eval_scores = {c.label: float(scored[c.label].mean()) for c in components if c.label in scored}
     trajs = ray.get([p.traj for p in batch.parts])
     flat = np.concatenate([t.images for t in trajs])
     accuracy = None
     if svm is not None:  # the held-out SVM as a reward: 1 where it reads the prompted digit
         accuracy = float(svm(flat, [s for t in trajs for s in t.prompt_list()]).scores.mean())
-    return evaluation_of(version, prompts, flat.reshape(len(prompts), n, *flat.shape[1:]), scored["scores"],
-                         accuracy)
+    return evaluation_of(version, prompts, flat.reshape(len(prompts), n, *flat.shape[1:]), batch_scores,
+                         accuracy, iteration=iteration, eval_scores=eval_scores, base=base,
+                         seconds=time.perf_counter() - t0)
 
 
 class Evaluator:
-    """The run's evaluations (before and after training), with the digits world's held-out SVM."""
+    """The run's evaluations (before training, every ``eval.every`` iterations, after), with the
+    digits world's held-out SVM; ``base`` (the 'before' evaluation) is the watch's yardstick."""
 
     def __init__(self, pipe: Pipeline, cfg: TrainConfig) -> None:
         self.pipe, self.cfg = pipe, cfg
         self.svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
         self.samples = len(eval_plan(cfg)[0]) * cfg.eval.samples_per_prompt
+        self.base: Evaluation | None = None
 
-    def __call__(self, version: int) -> Evaluation:
-        return evaluate(self.pipe, self.cfg, version, self.svm)
+    def due(self, done: int) -> bool:
+        """Whether to evaluate between batches once ``done`` iterations are trained."""
+        return eval_due(self.cfg.eval.every, done, self.cfg.run.iterations)
+
+    def __call__(self, version: int, iteration: int = 0) -> Evaluation:
+        return evaluate(self.pipe, self.cfg, version, self.svm, iteration, self.base)
 
 
 def open_run(cfg: TrainConfig, config_name: str, resume: Path | str | None) -> tuple[RunStorage, Resume | None]:
@@ -355,11 +393,34 @@ def open_run(cfg: TrainConfig, config_name: str, resume: Path | str | None) -> t
         raise
 
 
-def batch_plan(cfg: TrainConfig, it: int) -> tuple[list[str], list[int]]:
-    """Iteration ``it``'s prompts (cycling through the list) and their noise seeds."""
-    prompts, per_it = cfg.rollout.prompts, cfg.rollout.batch_prompts
-    chosen = [prompts[(it * per_it + k) % len(prompts)] for k in range(per_it)]
-    return chosen, [seed_for(cfg.run.seed, it, k) for k in range(per_it)]
+def plan_iteration(cfg: TrainConfig, it: int, source: Prompts | None = None
+                   ) -> tuple[list[str], list[int], list[dict] | None]:
+    """Iteration ``it``'s prompts, their noise seeds and (from a dataset) their metadata: the
+    inline list cycled through, or rollout.dataset's epochs (services/datasets.py). A function
+    of (config, dataset, it) alone, so a resumed run plans what the uninterrupted one would."""
+    per_it = cfg.rollout.batch_prompts
+    seeds = [seed_for(cfg.run.seed, it, k) for k in range(per_it)]
+    dc = cfg.rollout.dataset
+    if dc is None:
+        prompts = cfg.rollout.prompts
+        return [prompts[(it * per_it + k) % len(prompts)] for k in range(per_it)], seeds, None
+    train = (source or load_prompts(cfg)).train
+    assert train is not None  # load_prompts reads rollout.dataset whenever it is set
+    rows = plan_rows(len(train), per_it, it, dc.shuffle, dc.seed)
+    return [train.prompts[i] for i in rows], seeds, [train.metadata[i] for i in rows]
+
+
+def batch_plan(cfg: TrainConfig, it: int, source: Prompts | None = None) -> tuple[list[str], list[int]]:
+    """Iteration ``it``'s prompts and their noise seeds (:func:`plan_iteration` without metadata)."""
+    prompts, seeds, _ = plan_iteration(cfg, it, source)
+    return prompts, seeds
+
+
+def eval_metadata(cfg: TrainConfig) -> list[dict] | None:
+    """The evaluation prompts' metadata (eval_plan's order), or None when no dataset gives any."""
+    if cfg.rollout.dataset is None and cfg.eval.dataset is None:
+        return None
+    return list(load_prompts(cfg).eval.metadata)
 
 
 def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: dict[str, Any],
@@ -379,9 +440,13 @@ def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: d
     return summary
 
 
-def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float, keep: int) -> Path:
-    """The learner's files and the driver's state at ``next_it`` (see ``write_checkpoint``)."""
+def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float, keep: int,
+                    cursor: dict[str, Any] | None = None) -> Path:
+    """The learner's files and the driver's state at ``next_it`` (see ``write_checkpoint``);
+    ``cursor``: where rollout.dataset's epochs stand (datasets.cursor_record)."""
     state = {"iteration": next_it, "version": pipe.version, "elapsed_s": elapsed, "totals": pipe.totals}
+    if cursor is not None:
+        state["prompts"] = cursor
     return write_checkpoint(run_dir, next_it, state, lambda d: ray.get(pipe.a.learner.save.remote(str(d.resolve()))),
                             keep)
 
@@ -390,14 +455,17 @@ class Checkpoints:
     """The run's checkpoints: one every ``run.checkpoint_every`` iterations and at the last (each
     announced to the loggers once complete), the restore of a resumed run, the final checkpoint/."""
 
-    def __init__(self, pipe: Pipeline, run_dir: Path, cfg: TrainConfig, loggers: Loggers) -> None:
+    def __init__(self, pipe: Pipeline, run_dir: Path, cfg: TrainConfig, loggers: Loggers,
+                 prompts: Prompts | None = None) -> None:
         self.pipe, self.run_dir, self.loggers = pipe, run_dir, loggers
         self.every, self.last, self.keep = cfg.run.checkpoint_every, cfg.run.iterations, cfg.run.keep_checkpoints
+        self.cfg, self.prompts = cfg, prompts
 
     def after_iteration(self, done: int, elapsed: float) -> None:
         if (self.every and done % self.every == 0) or done == self.last:
             t = time.perf_counter()
-            path = save_checkpoint(self.pipe, self.run_dir, done, elapsed, self.keep)
+            cursor = None if self.prompts is None else cursor_record(self.cfg, self.prompts, done)
+            path = save_checkpoint(self.pipe, self.run_dir, done, elapsed, self.keep, cursor)
             self.loggers.on_checkpoint(path, time.perf_counter() - t)
 
     def restore(self, resumed: Resume, cfg: TrainConfig) -> None:
@@ -439,6 +507,15 @@ def warmup_warning(cfg: TrainConfig) -> str | None:
             f"run.iterations above {ac.warmup_steps // ln.updates_per_batch} or lower the warm-up")
 
 
+def prompts_summary(prompts: Prompts) -> dict[str, Any]:
+    """Where the run's prompts came from, for the summary and the report."""
+    train = prompts.train
+    return {"train": train.where if train else "rollout.prompts",
+            "train_prompts": len(train) if train else None, "eval": prompts.eval.where,
+            "eval_prompts": len(prompts.eval),
+            "metadata_fields": sorted({k for s in (train, prompts.eval) if s for m in s.metadata for k in m})}
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -454,7 +531,14 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | No
     cfg = validate_config(cfg)  # the Python API refuses what the command line refuses
     check_policy_source(cfg.policy)  # fail before any directory or cluster exists
     check_trackers(cfg.run.loggers)
+    prompts = load_prompts(cfg)  # a bad dataset is one line naming its file and row, before anything starts
     storage, resumed = open_run(cfg, config_name, resume)
+    if resumed is not None:
+        try:
+            check_cursor(resumed.state.get("prompts"), cfg, prompts, resumed.state["iteration"])
+        except BaseException:
+            storage.finish(ok=True)  # as open_run does for a refused resume
+            raise
     sync = StorageSync(storage, cfg.run.keep_checkpoints, new_run=resumed is None)  # a URI run's uploads
     console = ConsoleLogger(cfg)
     try:
@@ -469,6 +553,8 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | No
         loggers.log_phase(f"metrics: http://{cfg.metrics.host}:{prom.port}/metrics")
     if (warning := warmup_warning(cfg)) is not None:
         loggers.log_phase(warning)
+    if (note := truncation_note(cfg, prompts)) is not None:
+        loggers.log_phase(note)
     run_dir: Path | None = None
     actors, started_ray, finished = None, False, False
     try:
@@ -487,7 +573,7 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | No
         pipe = Pipeline(actors, cfg)
         pipe.metrics = prom.metrics
         evaluator = Evaluator(pipe, cfg)
-        checkpoints = Checkpoints(pipe, run_dir, cfg, loggers)
+        checkpoints = Checkpoints(pipe, run_dir, cfg, loggers, prompts)
         if resumed is None:
             start, lines = 0, []
             pipe.published.append(0)
@@ -506,14 +592,16 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | No
             loggers.log_eval("before", before)
         else:
             before = resumed.before
-        fit(pipe, cfg, start, t0, loggers, checkpoints)
+        evaluator.base = before
+        fit(pipe, cfg, start, t0, loggers, checkpoints, evaluator, prompts)
         loggers.log_phase(f"final evaluation ({evaluator.samples} samples)")
-        after = evaluator(pipe.version)
+        after = evaluator(pipe.version, cfg.run.iterations)
         loggers.log_eval("after", after)
         summary = write_outputs(run_dir, before, after, {
             "run_dir": storage.location, "checkpoint": storage.location_of(checkpoints.final()),
             "seconds": round(time.time() - t0, 1),
             "heldout_classifier_accuracy_on_real": evaluator.svm.heldout_accuracy if evaluator.svm else None,
+            "prompts": prompts_summary(prompts),
             "pipeline": pipe.totals},
             cfg.eval.grid_columns,
             probability=[(c.kind, c.weight) for c in cfg.reward.components] == [("digits_classifier", 1.0)])
@@ -537,16 +625,23 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | No
             print(f"removed {storage.location}: the run stopped before its first iteration, nothing to resume")
 
 
-def fit(pipe: Pipeline, cfg: TrainConfig, start: int, t0: float, loggers: Loggers, checkpoints: Checkpoints) -> None:
-    """Iterations ``start`` … run.iterations − 1: launch, settle, update, sync, log, checkpoint;
-    then every sampler holds π_θ, the policy the final evaluation measures."""
+def fit(pipe: Pipeline, cfg: TrainConfig, start: int, t0: float, loggers: Loggers, checkpoints: Checkpoints,
+        evaluator: Evaluator | None = None, prompts: Prompts | None = None) -> None:
+    """Iterations ``start`` … run.iterations − 1: launch, settle, update, sync, log, evaluate when
+    due, checkpoint; then every sampler holds π_θ, the policy the final evaluation measures.
+
+    An evaluation between batches runs on the samplers after the rollouts already queued there
+    and after the version just published (so it measures that version, the one the next batch
+    rolls out with), at any lag; the learner waits for it. Its row precedes the checkpoint of
+    the same iteration, so a resume from that checkpoint keeps it and does not redo it."""
     lag, n = cfg.pipeline.max_policy_lag, cfg.rollout.samples_per_prompt
     inflight: deque[Batch] = deque()
     next_it = start
     for it in range(start, cfg.run.iterations):
         t_it = time.perf_counter()
         while next_it < cfg.run.iterations and len(inflight) <= lag:
-            inflight.append(pipe.launch(next_it, *batch_plan(cfg, next_it), n))
+            chosen, seeds, metadata = plan_iteration(cfg, next_it, prompts)
+            inflight.append(pipe.launch(next_it, chosen, seeds, n, metadata=metadata))
             next_it += 1
         batch = inflight.popleft()
         clock = _Clock()
@@ -564,6 +659,8 @@ def fit(pipe: Pipeline, cfg: TrainConfig, start: int, t0: float, loggers: Logger
                "lost_reward": batch.lost_reward, **stats}
         loggers.log_iteration(it, row, IterationInfo(clock.times, time.perf_counter() - t_it, len(inflight),
                                                      len(pipe.pending), pipe.totals["resyncs"]))
+        if evaluator is not None and evaluator.due(it + 1):
+            loggers.log_eval("iteration", evaluator(pipe.version, it + 1))
         checkpoints.after_iteration(it + 1, time.time() - t0)  # after the row: a resume finds every row before it
     pipe.check_applied(block=True)
     pipe.sync(current=True)

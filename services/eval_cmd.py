@@ -25,6 +25,7 @@ from samplers.sampler import Sampler
 from samplers.text import PromptEncoder
 from samplers.trajectory import Trajectory
 from services.config import PolicyConfig, TrainConfig, load_config
+from services.datasets import text_lines
 from services.evaluation import eval_plan, evaluation_of
 from services.export import run_of
 from services.report import eval_grid
@@ -42,13 +43,7 @@ def _resolve(checkpoint: Path, config: str | None, overrides: list[str]) -> tupl
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [s for _, line in text_lines(path) if (s := line.strip())]
     if not prompts:
         raise ValueError(f"{path} holds no prompt (one per line)")
     return list(dict.fromkeys(prompts))

@@ -6,9 +6,12 @@ experiment trackers of ``run.loggers`` (TensorBoard, Weights & Biases, MLflow) a
 console (phase lines, the progress bar, the summary table and the run's last line).
 
 Trackers log the same scalars under the same names as metrics.jsonl (a train row's numbers at
-step = its iteration; an evaluation's reward, accuracy and diversity as ``eval/<name>`` at step
-0 before training and step ``run.iterations`` after it), the resolved config, each
-evaluation's samples as an image (``eval/<when>``), and the summary's figures at the end.
+step = its iteration; an evaluation's figures — reward, accuracy, diversity, each eval reward,
+the watch's statistics and drifts, its seconds — as ``eval/<name>`` at step 0 before training,
+at step k for the evaluation between batches after k iterations, and at step ``run.iterations``
+after training), the resolved config, each evaluation's samples as an image (``eval/<when>``;
+once per 'before' and 'after', and at each step for 'iteration'), and the summary's figures at
+the end.
 
 Another output (say, a syncer that uploads a run's files to durable storage) is one more
 ``RunLogger``: ``on_checkpoint`` is called once a checkpoint is complete on disk, ``close``
@@ -33,7 +36,7 @@ from services.config import ConfigError, TrainConfig, dump_config
 from services.evaluation import Evaluation
 from services.observe import RunMetrics, write_prometheus_targets
 
-When = Literal["before", "after"]
+When = Literal["before", "iteration", "after"]
 
 
 @dataclass
@@ -60,7 +63,8 @@ class RunLogger(Protocol):
         """A start-up or shut-down step the user waits for ("starting Ray", …)."""
 
     def log_eval(self, when: When, evaluation: Evaluation) -> None:
-        """The evaluation before training (a new run only) or after it."""
+        """The evaluation before training (a new run only), between batches every ``eval.every``
+        iterations (``evaluation.iteration`` trained), or after training."""
 
     def log_iteration(self, it: int, row: dict[str, Any], info: IterationInfo) -> None:
         """Iteration ``it``'s metrics.jsonl row (the learner's statistics and the pipeline's)."""
@@ -126,7 +130,9 @@ class Loggers:
 
 # ---- metrics.jsonl --------------------------------------------------------------------------
 def eval_row(when: When, evaluation: Evaluation) -> dict[str, Any]:
-    return {"kind": "eval", "when": when, "version": evaluation.version, **evaluation.headline()}
+    """An evaluation's metrics.jsonl row; ``iteration``: the iterations trained before it."""
+    return {"kind": "eval", "when": when, "iteration": evaluation.iteration, "version": evaluation.version,
+            **evaluation.headline(), **evaluation.figures()}
 
 
 class JsonlLogger(RunLogger):
@@ -161,6 +167,7 @@ class PrometheusLogger(RunLogger):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.metrics = RunMetrics(cfg.metrics.port, cfg.metrics.host)
+        self.metrics.m["fmrl_eval_watch_factor"].set(cfg.eval.watch_factor)
         self.targets: Path | None = None
 
     @property
@@ -218,6 +225,11 @@ class ConsoleLogger(RunLogger):
         self.bar.update(1)
 
     def log_eval(self, when: When, evaluation: Evaluation) -> None:
+        if when == "iteration":
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in evaluation.scores.items())
+            drift = max(evaluation.drift.values(), default=1.0)
+            self.log_phase(f"eval after {evaluation.iteration} iterations ({evaluation.seconds:.1f} s): {scores}; "
+                           f"diversity {evaluation.diversity:.3f}; largest watch drift {drift:.2f}×")
         if when == "after":
             self._close_bar()
 
@@ -267,7 +279,7 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 def eval_scalars(evaluation: Evaluation) -> dict[str, float]:
-    return {f"eval/{k}": float(v) for k, v in evaluation.headline().items() if v is not None}
+    return {f"eval/{k}": float(v) for k, v in evaluation.figures().items() if v is not None}
 
 
 def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
@@ -324,8 +336,8 @@ class Tracker(RunLogger):
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.run_dir, self.iterations, self.columns = run_dir, cfg.run.iterations, cfg.eval.grid_columns
 
-    def eval_step(self, when: When) -> int:
-        return 0 if when == "before" else self.iterations
+    def eval_step(self, when: When, evaluation: Evaluation) -> int:
+        return {"before": 0, "after": self.iterations}.get(when, evaluation.iteration)
 
     def run_id(self, name: str, new: Callable[[], str]) -> str:
         """The id this tracker's run has in ``trackers.json`` (a resumed run continues it), or a new one."""
@@ -354,7 +366,7 @@ class TensorBoardLogger(Tracker):
             self.writer.add_scalar(k, v, it)
 
     def log_eval(self, when: When, evaluation: Evaluation) -> None:
-        step = self.eval_step(when)
+        step = self.eval_step(when, evaluation)
         for k, v in eval_scalars(evaluation).items():
             self.writer.add_scalar(k, v, step)
         self.writer.add_image(f"eval/{when}", eval_grid(evaluation, self.columns), step, dataformats="HWC")
@@ -389,7 +401,7 @@ class WandbLogger(Tracker):
 
     def log_eval(self, when: When, evaluation: Evaluation) -> None:
         image = self.wandb.Image(eval_grid(evaluation, self.columns), caption=", ".join(evaluation.prompts))
-        self.run.log({**eval_scalars(evaluation), f"eval/{when}": image}, step=self.eval_step(when))
+        self.run.log({**eval_scalars(evaluation), f"eval/{when}": image}, step=self.eval_step(when, evaluation))
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.run.summary.update({f"summary/{k}": v for k, v in summary_scalars(summary).items()})
@@ -443,8 +455,10 @@ class MlflowLogger(Tracker):
         self._log(scalars(row), it)
 
     def log_eval(self, when: When, evaluation: Evaluation) -> None:
-        self._log(eval_scalars(evaluation), self.eval_step(when))
-        self.client.log_image(self.id, eval_grid(evaluation, self.columns), artifact_file=f"eval/{when}.png")
+        step = self.eval_step(when, evaluation)
+        self._log(eval_scalars(evaluation), step)
+        name = f"eval/{when}.png" if when != "iteration" else f"eval/iteration-{step:06d}.png"
+        self.client.log_image(self.id, eval_grid(evaluation, self.columns), artifact_file=name)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self._log({f"summary/{k}": v for k, v in summary_scalars(summary).items()}, self.iterations)

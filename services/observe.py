@@ -164,6 +164,15 @@ class RunMetrics:
     def evaluation(self, when: str, ev: Evaluation) -> None:
         self.m["fmrl_eval_reward"].labels(when=when).set(ev.reward)
         self.m["fmrl_eval_diversity"].labels(when=when).set(ev.diversity)
+        self.m["fmrl_eval_iteration"].set(ev.iteration)
+        for name, value in ev.scores.items():
+            self.m["fmrl_eval_score"].labels(reward=name, when=when).set(value)
+        for name, value in ev.stats.items():
+            self.m["fmrl_eval_image_stat"].labels(stat=name, when=when).set(value)
+        for name, value in ev.drift.items():
+            self.m["fmrl_eval_drift_ratio"].labels(stat=name).set(value)
+        if ev.seconds:
+            self.m["fmrl_learner_phase_seconds"].labels(phase="eval").observe(ev.seconds)
         self.m["fmrl_rollout_images_total"].labels(purpose="eval").inc(ev.images.shape[0] * ev.images.shape[1])
 
 

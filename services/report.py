@@ -316,6 +316,47 @@ def curves_figure(train: list[dict]) -> Figure:
     return fig
 
 
+def eval_curves_figure(evals: list[dict]) -> Figure:
+    """Three panels from metrics.jsonl's eval rows (before, every eval.every iterations, after)
+    against the iterations trained: each eval reward (the unseen ones and the held-out
+    classifier's accuracy included), diversity, and the reward-hacking watch's drift of each
+    image statistic from the base policy's (1: none)."""
+    evals = sorted(evals, key=lambda r: r.get("iteration", 0))
+    it = np.array([r.get("iteration", 0) for r in evals])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+
+    def lines(ax: plt.Axes, prefix: str, label: str = "{}") -> None:
+        for key in sorted({k for r in evals for k in r if k.startswith(prefix)}):
+            ax.plot(it, [r.get(key, np.nan) for r in evals], marker="o", ms=3, lw=1.2,
+                    label=label.format(key.removeprefix(prefix)))
+
+    ax = axes[0]
+    ax.plot(it, [r["reward"] for r in evals], marker="o", ms=3, lw=1.8, color="black", label="training reward Σ wᵢ·rᵢ")
+    lines(ax, "eval_reward/")
+    ax.set_title("evaluation rewards (CFG-free, fixed noise)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(it, [r["diversity"] for r in evals], marker="o", ms=3, color="tab:green")
+    ax.set_ylabel("mean pairwise distance")
+    ax.set_title("evaluation diversity", fontsize=10)
+    ax = axes[2]
+    ax.axhline(1.0, color="grey", lw=0.8)
+    for r in evals:  # the base policy's own evaluation: no drift by definition
+        if r.get("when") == "before":
+            r.update({k: 1.0 for k in {k for e in evals for k in e if k.startswith("drift/")}} | {
+                k: r[k] for k in r if k.startswith("drift/")})
+    lines(ax, "drift/")
+    ax.set_ylabel("max/min against the base policy")
+    ax.set_title("reward-hacking watch: drift of image statistics", fontsize=10)
+    if any(k.startswith("drift/") for r in evals for k in r):
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("iterations trained")
+        _integer_ticks(ax.xaxis)
+        ax.grid(alpha=0.3)
+    return fig
+
+
 def _img(path: Path) -> str:
     import base64
 
@@ -331,12 +372,17 @@ def write_report(run_dir: Path, summary: dict, table: str) -> Path:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     curves = _curves(train, run_dir / "report_curves.png") if train else None
+    evals = [r for r in rows if r.get("kind") == "eval" and "iteration" in r]
+    eval_curves = _save(eval_curves_figure(evals), run_dir / "report_eval_curves.png", dpi=100) if evals else None
     parts = [f"<h1>fmrl run {html.escape(run_dir.name)}</h1>",
              f"<pre>{html.escape(table)}</pre>",
              "<h2>Before / after (CFG-free, fixed noise)</h2>", _img(run_dir / "samples_before_after.png"),
              "<h2>Training reward</h2>", _img(run_dir / "reward_curve.png")]
     if curves is not None:
         parts += ["<h2>Rewards, diversity, W2</h2>", _img(curves)]
+    if eval_curves is not None:
+        parts += ["<h2>Evaluations during training: rewards, diversity, reward-hacking watch</h2>",
+                  _img(eval_curves)]
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     parts += ["<h2>Summary</h2>", f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>",
               "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>"]

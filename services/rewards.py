@@ -22,7 +22,7 @@ import numpy as np
 
 from reward_workers.base import RewardOutput
 from reward_workers.combined import combine
-from reward_workers.registry import build_reward
+from reward_workers.registry import PYTHON, build_python_reward, build_reward, python_wire_name
 from services.config import RewardComponentConfig, RewardConfig
 
 REDIS_URL_ENV = "FMRL_REDIS_URL"
@@ -30,14 +30,21 @@ log = logging.getLogger(__name__)
 
 
 def build_component(c: RewardComponentConfig) -> Any:
-    """A callable ``(images, prompts) -> RewardOutput | None`` for one component."""
+    """A callable ``(images, prompts, metadata=None) -> RewardOutput | None`` for one component.
+
+    A ``python`` component is the user's callable in this process (its output checked on every
+    call), or over Redis the services of ``fmrl reward-worker --reward python --callable …``,
+    whose requests name the callable (:func:`python_wire_name`)."""
     if c.transport == "ray":
+        if c.kind == PYTHON:
+            return build_python_reward(c.callable, c.init_kwargs, name=c.label)
         return build_reward(c.kind, c.model_path)
     from reward_workers.client import RewardClient
 
     r = c.redis
     client = RewardClient(
-        os.environ.get(REDIS_URL_ENV) or r.url, c.kind, stream=r.stream,
+        os.environ.get(REDIS_URL_ENV) or r.url, python_wire_name(c.callable) if c.kind == PYTHON else c.kind,
+        stream=r.stream,
         timeout_s=r.timeout_s, attempts=r.attempts, max_in_flight=r.max_in_flight,
         max_images_per_request=r.max_images_per_request, encoding=r.encoding, required=c.required,
     )
@@ -51,10 +58,11 @@ class SkipWhileDown:
         self.client, self.label, self.skip_s = client, label, skip_s
         self.down_until = 0.0
 
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput | None:
+    def __call__(self, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict] | None = None) -> RewardOutput | None:
         if time.monotonic() < self.down_until:
             return None
-        out = self.client(images, prompts)
+        out = self.client(images, prompts, metadata)
         if out is None:
             self.down_until = time.monotonic() + self.skip_s
             log.warning("optional reward %s unavailable: batches go without it for %.0f s", self.label, self.skip_s)
@@ -73,13 +81,19 @@ class RewardStage:
         self._pool = ThreadPoolExecutor(max_workers=len(self.components), thread_name_prefix="reward")
         self.seconds: dict[str, float] = {}  # each component's time on the last batch
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
+    def score(self, images: np.ndarray, prompts: list[str],
+              metadata: list[dict] | None = None) -> dict[str, np.ndarray]:
         """``scores`` (B,) the weighted sum; ``<name>`` each component's (B,) scores,
-        ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch."""
+        ``<name>/<detail>`` its details, ``<name>/available`` 1 or 0 for the batch.
+        ``metadata``: each image's prompt's metadata (B JSON objects, from the prompt dataset),
+        handed to every component that takes it (``component(images, prompts, metadata)``)."""
+        if metadata is not None and len(metadata) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(metadata)} metadata entries")
+
         def timed(comp: tuple) -> Any:  # noqa: ANN401 - a component's output
             t0 = time.perf_counter()
             try:
-                return comp[1](images, prompts)
+                return comp[1](images, prompts, metadata)
             finally:
                 self.seconds[comp[0].label] = time.perf_counter() - t0
 

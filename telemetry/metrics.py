@@ -85,9 +85,25 @@ METRICS: tuple[Metric, ...] = (
            "training batch (pixels in [0, 1]), averaged over prompts: falls as the policy collapses."),
     Metric("fmrl_batch_diversity_reference", "gauge", "", "fmrl_batch_diversity of this process's first "
            "training batch: the yardstick of the collapse alert."),
-    Metric("fmrl_eval_reward", "gauge", "", "Mean reward of the CFG-free evaluation samples, by evaluation.", ("when",)),
+    Metric("fmrl_eval_reward", "gauge", "", "Mean reward of the CFG-free evaluation samples, by evaluation "
+           "(before, iteration: the last one between batches, after).", ("when",)),
     Metric("fmrl_eval_diversity", "gauge", "", "Mean pairwise distance between evaluation samples of a prompt "
            "(pixels in [0, 1]), averaged over prompts, by evaluation.", ("when",)),
+    Metric("fmrl_eval_iteration", "gauge", "", "Iterations trained before the last evaluation (0 before "
+           "training; every eval.every iterations; run.iterations after)."),
+    Metric("fmrl_eval_score", "gauge", "", "Mean of each eval.rewards component over the evaluation samples "
+           "(rewards the run may not train on), and reward=\"heldout_svm\": the held-out classifier's "
+           "accuracy (digits world), by evaluation.", ("reward", "when")),
+    Metric("fmrl_eval_image_stat", "gauge", "", "Reward-hacking watch: a statistic of the evaluation samples, "
+           "by evaluation (when=\"before\" is the base policy's): brightness (mean luma, [0, 1]), saturation "
+           "(mean HSV saturation; 0 greyscale), edge_density (share of pixels with luma gradient > 0.25), "
+           "colour_entropy (bits of the image's 8-level-per-channel colour histogram), jpeg_bytes (mean "
+           "size at quality 75).", ("stat", "when")),
+    Metric("fmrl_eval_drift_ratio", "gauge", "ratio", "Reward-hacking watch: the last evaluation's statistic "
+           "(fmrl_eval_image_stat's, and diversity) against the base policy's, max/min of the two: 1 is no "
+           "drift, f a factor f up or down.", ("stat",)),
+    Metric("fmrl_eval_watch_factor", "gauge", "ratio", "eval.watch_factor: the drift the FmrlRewardHacking "
+           "alert tolerates."),
     # ---- versions, lag, weight sync -----------------------------------------------------------
     Metric("fmrl_policy_version", "gauge", "", "Policy version: the learner's published one, and the oldest "
            "a sampler has verifiably applied.", ("role",)),
@@ -105,7 +121,8 @@ METRICS: tuple[Metric, ...] = (
     # ---- time ---------------------------------------------------------------------------------
     Metric("fmrl_learner_phase_seconds", "histogram", "seconds",
            "Driver-side time of each phase of an iteration: rollout (waiting for the batch), update "
-           "(the learner's step), sync (publishing), checkpoint.", ("phase",), SECONDS_BUCKETS),
+           "(the learner's step), sync (publishing), checkpoint, eval (an evaluation: sampling and "
+           "scoring).", ("phase",), SECONDS_BUCKETS),
     Metric("fmrl_idle_ratio", "gauge", "ratio", "Share of the last iteration a role spent not working: the "
            "learner outside its update, the samplers outside their rollouts.", ("role",)),
     # ---- the reward service (its own process serves these) -----------------------------------

@@ -228,7 +228,7 @@ class Fixed:
         self.name = "fixed"
         self.scores, self.details = np.asarray(scores, dtype=np.float64), details or {}
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, metadata=None):
         return RewardOutput(self.scores, self.details)
 
 
@@ -285,7 +285,7 @@ def test_registry_builds_each_kind(tmp_path, clip_dir, images):
 
 def test_registry_rejects_unknown_kind():
     with pytest.raises(ValueError, match="unknown reward 'hps'; valid: aesthetic, clip, digits_classifier, "
-                                         "jpeg_compressibility, jpeg_incompressibility, pickscore, target_image"):
+                                         "jpeg_compressibility, jpeg_incompressibility, pickscore, python, target_image"):
         build_reward("hps")
 
 

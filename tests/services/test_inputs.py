@@ -59,7 +59,8 @@ def _numeric_fields() -> list[tuple[type[BaseModel], str, typing.Any]]:
     for cls in _sections(TrainConfig):
         for name, f in cls.model_fields.items():
             leaf = _leaf(f.annotation)
-            if leaf in (int, float) or typing.get_origin(leaf) is dict:
+            numeric_dict = typing.get_origin(leaf) is dict and _leaf(typing.get_args(leaf)[1]) in (int, float)
+            if leaf in (int, float) or numeric_dict:
                 rows.append((cls, name, leaf))
     return rows
 

@@ -80,9 +80,10 @@ def _expected(rows, iterations=3):
                 if k not in ("kind", "iteration") and isinstance(v, (int, float)):
                     out[(k, r["iteration"])] = float(v)
         else:
-            step = 0 if r["when"] == "before" else iterations
-            for k in ("reward", "accuracy", "diversity"):
-                out[(f"eval/{k}", step)] = float(r[k])
+            step = {"before": 0, "after": iterations}.get(r["when"], r["iteration"])
+            for k, v in r.items():  # the headline, eval rewards, watch statistics and drifts, seconds
+                if k not in ("kind", "when", "iteration", "version") and isinstance(v, (int, float)):
+                    out[(f"eval/{k}", step)] = float(v)
     return out
 
 
@@ -225,14 +226,35 @@ def test_a_run_that_is_all_critic_warmup_is_warned_about():
     assert warmup_warning(cfg(5, algorithm="orw_cfm_w2")) is None
 
 
-def test_a_short_run_with_tensorboard_logs_what_metrics_jsonl_holds(cluster, tmp_path, small_policy, capsys):
+def test_a_run_from_a_jsonl_dataset_logs_to_tensorboard_what_metrics_jsonl_holds(cluster, tmp_path, small_policy,
+                                                                                  capsys):
+    """One short end-to-end run for two features: prompts from a .jsonl dataset with metadata
+    and a separate evaluation set (`rollout.dataset.path=<file>.jsonl`), and TensorBoard event
+    files whose scalars equal metrics.jsonl; plus the console's phase lines and last line."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = short_config(tmp_path, small_policy, name="tb", iterations=3, **{"run.loggers": "[jsonl,tensorboard]"})
+    from services.checkpoints import read_driver_state
+    from services.datasets import check_cursor, cursor_record, load_prompts
+
+    words = ["zero", "one", "two", "three", "four"]
+    path, ev = tmp_path / "prompts.jsonl", tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"a handwritten {w}", "digit": d}) + "\n"
+                            for d, w in enumerate(words)))
+    ev.write_text(json.dumps({"prompt": "the digit 3 written by hand", "digit": 3}) + "\n")
+    cfg = short_config(tmp_path, small_policy, name="tb", iterations=3, **{
+        "run.loggers": "[jsonl,tensorboard]", "rollout.dataset.path": path, "rollout.prompts_per_iteration": 2,
+        "eval.dataset.path": ev})
     summary = train(cfg)
     run = tmp_path / "tb"
+    assert summary["prompts"] == {"train": str(path), "train_prompts": 5, "eval": str(ev), "eval_prompts": 1,
+                                  "metadata_fields": ["digit"]}
+    state = read_driver_state(run / "checkpoints" / "iter-0000003")  # what a resume reads
+    assert state["prompts"] == cursor_record(cfg, load_prompts(cfg), 3)
+    check_cursor(state["prompts"], cfg, load_prompts(cfg), 3)
+
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["eval", "train", "train", "train", "eval"]
+    assert [r["iteration"] for r in rows if r["kind"] == "train"] == [0, 1, 2]
     ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
     logged = {(tag, e.step): e.value for tag in ea.Tags()["scalars"] for e in ea.Scalars(tag)
@@ -244,7 +266,7 @@ def test_a_short_run_with_tensorboard_logs_what_metrics_jsonl_holds(cluster, tmp
     assert set(ea.Tags()["images"]) == {"eval/before", "eval/after"}
 
     out = capsys.readouterr().out.splitlines()
-    samples = len(set(cfg.rollout.prompts)) * cfg.eval.samples_per_prompt
+    samples = 1 * cfg.eval.samples_per_prompt  # the evaluation set's one prompt
     phases = ["starting 2 samplers, 1 learner, 1 reward actor", f"baseline evaluation ({samples} samples)",
               f"final evaluation ({samples} samples)"]
     assert [x for x in out if x in phases] == phases

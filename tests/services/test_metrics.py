@@ -54,7 +54,11 @@ def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster,
     port = free_port()
     # 60 iterations (~10 s): Ray's agent and Prometheus each add a second's delay, and a rate()
     # needs two scrapes of a series the learner's first update creates
-    cfg = short_config(tmp_path / "runs", small_policy, name="m", iterations=60, **{"metrics.port": port})
+    # evaluations between batches after 20 and 40 iterations, scored also by a reward the run
+    # does not train on (JPEG compressibility) beside the held-out classifier
+    unseen = '[{"kind": "digits_classifier"}, {"kind": "jpeg_compressibility"}]'
+    cfg = short_config(tmp_path / "runs", small_policy, name="m", iterations=60,
+                       **{"metrics.port": port, "eval.every": 20, "eval.rewards": unseen})
     # deploy/'s own config and alerts, scraping every second; it finds the run (its driver and,
     # with no Ray dashboard here, Ray's metrics agent) from runs/prometheus/m.json
     deploy = tmp_path / "deploy"
@@ -70,14 +74,32 @@ def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster,
         first, second = _train_and_scrape(cfg, port)
         _check_scrapes(first, second)
         p, n = Evaluation.load(tmp_path / "runs" / "m" / "eval_before.npz").images.shape[:2]
+        _check_evaluations(tmp_path / "runs" / "m")
         # What reaches Prometheus goes through Ray's agent (reports every second) and a scrape
         # (every second); on a loaded machine either can lag the run's end by seconds. Wait for
         # the checks to hold over [t0, now] (deadline 60 s) instead of betting on a fixed sleep:
         # the series a run produced never disappear, and the empty ones stay empty.
-        eventually(lambda: _check_prometheus(prom, t0, time.time(), run_images=60 * 12 + 2 * p * n), 60)
+        eventually(lambda: _check_prometheus(prom, t0, time.time(), run_images=60 * 12 + 4 * p * n), 60)
     finally:
         prom.stop()
     assert not (tmp_path / "runs" / "prometheus" / "m.json").exists()  # Prometheus forgets the run
+
+
+def _check_evaluations(run_dir):
+    """Evaluation rows before, after 20 and 40 iterations, and after; each with the unseen reward,
+    the held-out accuracy and the watch (drift from the 'before' base); the report draws them."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [(r["when"], r["iteration"]) for r in evals] == [("before", 0), ("iteration", 20), ("iteration", 40),
+                                                           ("after", 60)]
+    for r in evals:
+        assert {"eval_reward/digits_classifier", "eval_reward/jpeg_compressibility", "eval_reward/heldout_svm",
+                "watch/brightness", "watch/jpeg_bytes", "seconds"} <= set(r), r
+        assert ("drift/brightness" in r) == (r["when"] != "before")
+    # each evaluation sits right after the row of the iteration it follows
+    kinds = [(r["kind"], r["iteration"]) for r in rows]
+    assert kinds.index(("eval", 20)) == kinds.index(("train", 19)) + 1
+    assert "Evaluations during training" in (run_dir / "report.html").read_text()
 
 
 def eventually(check, timeout_s):
@@ -147,7 +169,8 @@ def _check_prometheus(prom, t0, t1, run_images):
         result = prom.query_range(expr.replace("$__rate_interval", "4s"), t0, t1)
         assert bool(result) != remote, f"{expr!r}: {len(result)} series"
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
-    assert {r["name"] for r in rules} >= {"FmrlDiversityCollapse", "FmrlPipelineStalled", "FmrlRolloutsDropped"}
+    assert {r["name"] for r in rules} >= {"FmrlDiversityCollapse", "FmrlPipelineStalled", "FmrlRolloutsDropped",
+                                          "FmrlRewardHacking"}
     for r in rules:
         assert r["health"] == "ok" and not r.get("lastError"), r
     firing = prom.api("alerts")["alerts"]
@@ -170,7 +193,10 @@ def _check_prometheus(prom, t0, t1, run_images):
     assert labels("ray_fmrl_actor_busy_seconds_total", "role") == {"sampler", "learner", "reward"}
     assert labels("ray_fmrl_learner_step_phase_seconds_count", "phase") == {"prepare", "forward_backward",
                                                                              "optimizer"}
-    assert labels("ray_fmrl_reward_score_seconds_count", "reward") == {"digits_classifier"}
+    assert labels("ray_fmrl_reward_score_seconds_count", "reward") == {"digits_classifier", "jpeg_compressibility"}
+    assert labels('fmrl_eval_score{when="iteration"}', "reward") == {"digits_classifier", "jpeg_compressibility",
+                                                                    "heldout_svm"}
+    assert "brightness" in labels("fmrl_eval_drift_ratio", "stat")
     # two samplers, each its own series (Ray's WorkerId); what they rolled out adds up to at
     # most the run's images (Ray reports each second: the last report may come after the
     # actors are gone) — the exact counts are the next test's

@@ -37,9 +37,10 @@ def test_short_training_run_writes_everything(cluster, tmp_path, small_policy):
                  "checkpoint/policy.safetensors", "checkpoint/optimizer.safetensors", "report.html",
                  "report_curves.png"):
         assert (run / name).is_file(), name
-    # the report reads offline: its three pictures are embedded, nothing is fetched
+    # the report reads offline: its four pictures (grid, reward curve, curves, the evaluations'
+    # rewards and watch statistics before → after) are embedded, nothing is fetched
     page = (run / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4 and (run / "report_eval_curves.png").is_file()
     assert not re.search(r'(src|href)="(https?:|//)', page)
     assert "held-out classifier acc." in page and "algorithm:" in page
     assert summary["before"]["reward"] >= 0 and summary["after"]["diversity"] > 0

@@ -20,7 +20,7 @@ import redis
 from reward_workers.client import RewardUnavailable
 from services.cli import _cause
 from services.driver import train
-from tests.conftest import free_port, scrape_metrics
+from tests.conftest import free_port, scrape_metrics, terminate
 from tests.services.conftest import short_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,9 +30,10 @@ ITERATIONS = 4
 LEARNING = {"algorithm.ac_flow.warmup_steps": 1}
 
 
-def start_worker(url: str, log_dir: Path, consumer: str, metrics_port: int | None = None) -> subprocess.Popen:
+def start_worker(url: str, log_dir: Path, consumer: str, metrics_port: int | None = None,
+                 reward: tuple[str, ...] = ("--reward", "digits_classifier")) -> subprocess.Popen:
     """A real `fmrl reward-worker` process (one torch thread, as the reward actor uses)."""
-    cmd = [sys.executable, "-m", "services.cli", "reward-worker", "--reward", "digits_classifier",
+    cmd = [sys.executable, "-m", "services.cli", "reward-worker", *reward,
            "--redis-url", url, "--consumer", consumer, "--claim-idle-s", "2", "--block-ms", "200"]
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
@@ -148,3 +149,29 @@ def test_optional_service_missing_the_run_goes_on_required_missing_it_stops(clus
     cause = _cause(info.value)
     assert isinstance(cause, RewardUnavailable)
     assert "'clip'" in str(cause) and "fmrl:reward:clip:requests" in str(cause)
+
+
+def test_digits_trains_three_iterations_on_the_example_python_reward(cluster, small_policy, redis_url, tmp_path):
+    """A user's reward (kind python, the shipped example) in the cluster's reward actor, weighted
+    with a built-in one, and the same callable served by a real `fmrl reward-worker --reward
+    python` process over Redis (weight 0: scored, not trained on), which must score every batch
+    exactly as the in-cluster one; here, in this module, to share its Ray cluster."""
+    example = "reward_workers.examples:stroke_contrast"
+    worker = start_worker(redis_url, tmp_path, "py-svc", reward=("--reward", "python", "--callable", example))
+    try:
+        wait_consuming(redis_url, "py-svc")
+        components = (f"[{{kind: python, name: contrast, weight: 0.5, callable: '{example}'}}, "
+                      f"{{kind: python, name: contrast_svc, weight: 0, callable: '{example}', transport: redis, "
+                      f"redis: {{url: '{redis_url}', timeout_s: 5, attempts: 20}}}}, {{kind: digits_classifier}}]")
+        train(short_config(tmp_path, small_policy, name="py", iterations=3, **LEARNING,
+                           **{"reward.components": components}))
+    finally:
+        terminate(worker, 30)
+    train_rows = [r for r in rows(tmp_path / "py") if r["kind"] == "train"]
+    assert len(train_rows) == 3
+    for r in train_rows:
+        assert r["reward_available/contrast"] == 1.0 and 0.0 <= r["reward/contrast"] <= 1.0
+        assert r["reward_available/contrast_svc"] == 1.0
+        assert r["reward/contrast_svc"] == pytest.approx(r["reward/contrast"], rel=1e-9)  # same images, same code
+        # the trained reward is the weighted sum of the components' batch means (float32 mean)
+        assert r["reward_mean"] == pytest.approx(0.5 * r["reward/contrast"] + r["reward/digits_classifier"], rel=1e-6)
