@@ -39,7 +39,7 @@ def _runtime_env_of(start, monkeypatch: pytest.MonkeyPatch) -> dict:
 
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(cluster_guard, "reap_orphans", lambda: [])
+    monkeypatch.setattr(cluster_guard, "reap_orphans", lambda *_: [])
     with pytest.raises(_Stop):
         start()
     return seen
