@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,13 +111,20 @@ def save_tensors(path: Path | str, state: dict[str, torch.Tensor], metadata: dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**metadata, DIGEST_KEY: tensors_digest(state, metadata)}
+    replace_atomically(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def replace_atomically(path: Path, write: Callable[[str], Any]) -> None:
+    """``path`` gets what ``write(tmp)`` writes, whole, or keeps what it held: ``write`` fills a
+    fresh temporary file beside it (never an existing name, so never through a planted link),
+    which is flushed to disk and renamed over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.close(fd)
-        save_file(state, tmp, metadata=meta)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is read by other processes
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; run files are read by other processes
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

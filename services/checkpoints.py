@@ -5,7 +5,6 @@ writes anything (docs/reliability.md)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samplers.policy import save_diffusers_layout, tensor_file_metadata
+from samplers.policy import replace_atomically, save_diffusers_layout, tensor_file_metadata
 from services.config import TrainConfig, load_config
 from services.evaluation import Evaluation
 
@@ -75,18 +74,7 @@ def check_run_dir(run_dir: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """``path`` holds ``text`` whole or keeps what it held: written to a fresh temporary file
     beside it (never an existing name, so never through a planted link), flushed, renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _remove(path: Path) -> None:
