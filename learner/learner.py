@@ -12,6 +12,7 @@ gradient does not depend on how the batch is cut.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -24,11 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from learner.group import LearnerGroup
 from learner.pretrain import ema_update
 from learner.rules import Batch, Prepared, build_rule, settings_json
 from learner.settings import LearnerSettings
 from samplers.policy import (
     AdapterDisabled,
+    RolloutAdapter,
     SD3Velocity,
     is_adapted,
     load_adapter,
@@ -42,7 +45,7 @@ from samplers.policy import (
 from samplers.text import PromptEmbeddings
 from samplers.trajectory import Trajectory
 
-__all__ = ["Learner", "LearnerSettings", "WeightsPayload"]
+__all__ = ["Learner", "LearnerGroup", "LearnerSettings", "WeightsPayload"]
 
 
 @dataclass(frozen=True)
@@ -60,18 +63,30 @@ Encode = Callable[[list[str]], PromptEmbeddings]
 class Learner:
     """Turns scored trajectories into updates of π_θ and publishes π_old."""
 
-    def __init__(self, policy: SD3Velocity, encode: Encode, settings: LearnerSettings) -> None:
+    def __init__(self, policy: SD3Velocity, encode: Encode, settings: LearnerSettings,
+                 group: LearnerGroup | None = None) -> None:
         self.settings = settings
         self.encode = encode
+        # one of N data-parallel learners (learner/group.py), or the only one
+        self.group = group or LearnerGroup()
         self.policy = policy.train()
+        # where the policy's weights live: the batch, the interpolants and the critic go there too
+        self.device = next(policy.parameters()).device
         # an adapted (LoRA) policy trains its adapter only; its reference is the same module
         # with the adapter switched off, and it publishes and checkpoints the adapter alone
         self.adapted = is_adapted(policy)
         self.reference: nn.Module = (AdapterDisabled(self.policy) if self.adapted
                                      else copy.deepcopy(policy).eval().requires_grad_(False))
-        self.rollout = copy.deepcopy(policy).eval().requires_grad_(False)
+        # π_old: a second, frozen adapter on the same module for an adapted policy (one adapter's
+        # bytes, not a copy of the base), a frozen copy of a full policy
+        self.rollout: RolloutAdapter | nn.Module = (RolloutAdapter(self.policy) if self.adapted
+                                                    else copy.deepcopy(policy).eval().requires_grad_(False))
         tcfg = policy.transformer.config
         self.rule = build_rule(settings, tcfg.in_channels, tcfg.pooled_projection_dim)
+        self.rule.to(self.device)
+        # the forward that trains (``actor``): through DDP in a group, so backward averages the gradients
+        self._synced: nn.Module = self.group.wrap(self.policy)
+        self.actor: nn.Module = self._synced
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
             lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
@@ -84,19 +99,36 @@ class Learner:
         self.version = 0
 
     # ---- updates -------------------------------------------------------------------
-    def update(self, batch: Trajectory, rewards: torch.Tensor) -> dict[str, float]:
+    def update(self, batch: Trajectory, rewards: torch.Tensor, prompts: list[str] | None = None) -> dict[str, float]:
         """``updates_per_batch`` optimiser steps on one scored batch; returns mean statistics.
 
-        rewards: (B,) one reward per rollout of ``batch``. Raises on a NaN/inf reward
-        rather than train on it.
+        rewards: (B,) one reward per rollout of the whole batch. A single learner's ``batch`` is the
+        whole batch; in a learner group it is this rank's rows (``group.rows(B)``) and ``prompts``
+        the whole batch's B prompts (its own rows' must match them). The statistics are the whole
+        batch's, the same on every rank. Raises on a NaN/inf reward rather than train on it.
         """
         rewards = rewards.to(torch.float32)
-        if rewards.shape != (batch.size,):
-            raise ValueError(f"expected {batch.size} rewards, got shape {tuple(rewards.shape)}")
+        total = int(rewards.shape[0]) if rewards.dim() == 1 else -1
+        rows = self.group.rows(total) if self.group.distributed and total > 0 else None
+        want = rows.size if rows is not None else total
+        if total < 0 or batch.size != want:
+            where = "" if rows is None else f" (rows {rows.lo}:{rows.hi} of the batch)"
+            raise ValueError(f"expected {batch.size if rows is None else rows.total} rewards, one per rollout "
+                             f"of {batch.size}{where}, got shape {tuple(rewards.shape)}")
         if not torch.isfinite(rewards).all():
             raise ValueError(f"{int((~torch.isfinite(rewards)).sum())} non-finite rewards in the batch")
-        scored = Batch(batch.samples, self.encode(list(batch.prompts)).index(batch.prompt_ids), rewards,
-                       batch.prompt_list(), batch.prompt_ids, batch.states, batch.times, batch.log_probs)
+        own = batch.prompt_list()
+        if prompts is None:
+            if rows is not None:
+                raise ValueError("a learner rank needs the whole batch's prompts")
+            prompts = own
+        elif len(prompts) != total or (own != list(prompts[rows.slice] if rows else prompts)):
+            raise ValueError("the batch's prompts do not match this learner's rollouts")
+        dev = self.device
+        states = batch.states.to(dev)
+        scored = Batch(states[:, -1], self.encode(list(batch.prompts)).index(batch.prompt_ids).to(dev),
+                       rewards.to(dev), list(prompts), batch.prompt_ids.to(dev), states, batch.times.to(dev),
+                       None if batch.log_probs is None else batch.log_probs.to(dev), rows)
         totals: dict[str, float] = {}
         self.step_phase_seconds = []
         for _ in range(self.settings.updates_per_batch):
@@ -111,18 +143,39 @@ class Learner:
         # whole-batch inputs first, so micro-batching changes nothing
         prep, stats, train_actor = self.rule.prepare(self, b)
         t1 = time.perf_counter()
-        n = next(iter(prep.values())).shape[0]
+        g = self.group
+        mine = next(iter(prep.values())).shape[0]  # this learner's rows (a row per sample, or per step)
+        n = int(g.sum([float(mine)])[0])  # the whole batch's
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
+        maxima: dict[str, float] = {}
         loss_sum = 0.0
-        for lo in range(0, n, s.micro_batch_size):
+        starts = range(0, mine, s.micro_batch_size)
+        for lo in starts:
             mb: Prepared = {k: v[lo:lo + s.micro_batch_size] for k, v in prep.items()}
-            losses, st = self.rule.losses(self, mb)
+            # In a group, gradients accumulate locally and DDP all-reduces them at the last
+            # micro-batch's backward. The earlier ones run the bare policy rather than DDP under
+            # no_sync(): ranks may hold different numbers of micro-batches, and DDP's forward can
+            # itself be a collective (its one-off bucket rebuild), so every rank makes exactly one
+            # DDP forward per optimiser step.
+            self.actor = self._synced if train_actor and lo == starts[-1] else self.policy
+            with contextlib.nullcontext() if train_actor else torch.no_grad():  # a frozen actor: statistics only
+                losses, st = self.rule.losses(self, mb)
             if train_actor:
-                (losses.sum() / n).backward()
+                loss = losses.sum() / n
+                # DDP averages over the ranks; each rank's share of Σ/n is scaled back up
+                (loss * g.world_size if g.distributed else loss).backward()
             loss_sum += float(losses.detach().sum())
-            for k, v in st.items():  # the objective's statistics, row-weighted over micro-batches
-                sums[k] = sums.get(k, 0.0) + float(v) * losses.shape[0]
+            for k, v in st.items():  # the objective's statistics: row-weighted over micro-batches,
+                if k.endswith("_max"):  # or the largest
+                    maxima[k] = max(maxima.get(k, -math.inf), float(v))
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v) * losses.shape[0]
+        if g.distributed:  # the whole batch's statistics, the same on every rank
+            keys = sorted(sums)
+            loss_sum, *vals = g.sum([loss_sum, *(sums[k] for k in keys)])
+            sums = dict(zip(keys, vals, strict=True))
+            maxima = dict(zip(sorted(maxima), g.max([maxima[k] for k in sorted(maxima)]), strict=True))
         t2 = time.perf_counter()
         grad_norm = 0.0
         if train_actor:
@@ -139,26 +192,38 @@ class Learner:
         stats.update(self.rule.after_step(self, prep))
         self.step += 1
         if s.rollout_update == "ema":
-            ema_update(self.rollout, self.policy, s.rollout_ema_decay)
+            if isinstance(self.rollout, RolloutAdapter):
+                self.rollout.ema_from_policy(s.rollout_ema_decay)
+            else:
+                ema_update(self.rollout, self.policy, s.rollout_ema_decay)
         if self.step % s.rollout_refresh_every == 0:
             self.refresh_rollout()
         self.step_phase_seconds.append({"prepare": t1 - t0, "forward_backward": t2 - t1,
                                         "optimizer": time.perf_counter() - t2})
-        return {"loss": loss_sum / n, **{k: v / n for k, v in sums.items()}, "grad_norm": grad_norm,
+        return {"loss": loss_sum / n, **{k: v / n for k, v in sums.items()}, **maxima, "grad_norm": grad_norm,
                 "lr": self.scheduler.get_last_lr()[0], **stats}
 
     # ---- publishing ----------------------------------------------------------------
     def refresh_rollout(self) -> None:
         """Make the rollout policy the next published version (π_old ← π_θ when copying;
         with an EMA rollout policy its current average is published)."""
-        if self.settings.rollout_update == "copy":  # what can differ: an adapted policy's base is frozen
-            self.rollout.load_state_dict(published_state(self.policy), strict=False)
+        if self.settings.rollout_update == "copy":
+            if isinstance(self.rollout, RolloutAdapter):
+                self.rollout.copy_from_policy()
+            else:
+                self.rollout.load_state_dict(self.policy.state_dict())
         self.version = self.step
+
+    def _rollout_state(self) -> dict[str, torch.Tensor]:
+        """π_old's published tensors (named as π_θ's: samplers hold one adapter)."""
+        if isinstance(self.rollout, RolloutAdapter):
+            return self.rollout.state()
+        return published_state(self.rollout)
 
     def publish(self, current: bool = False) -> WeightsPayload:
         """The rollout policy's weights (or π_θ's when ``current``), with version and checksum."""
-        src = self.policy if current else self.rollout
-        state = {k: v.detach().clone() for k, v in published_state(src).items()}
+        src = published_state(self.policy) if current else self._rollout_state()
+        state = {k: v.detach().clone() for k, v in src.items()}
         return WeightsPayload(self.step if current else self.version, state, state_checksum(state))
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -196,7 +261,13 @@ class Learner:
                 "scheduler_epoch": str(self.scheduler.last_epoch),
                 "settings": settings_json(self.settings)}
         save_velocity(self.policy, d / "policy.safetensors", metadata=meta, adapter_only=self.adapted)
-        save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta, adapter_only=self.adapted)
+        if isinstance(self.rollout, RolloutAdapter):  # π_old's adapter, in the layout of the policy's
+            rollout = {k.removeprefix("transformer."): v.cpu().contiguous() for k, v in self.rollout.state().items()}
+            save_tensors(d / "rollout.safetensors", rollout, {
+                "transformer_config": json.dumps(dict(self.policy.transformer.config)),
+                "lora": json.dumps(lora_settings(self.policy)), "adapter_only": "1", **meta})
+        else:
+            save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta)
         opt_state = self.optimizer.state_dict()
         tensors: dict[str, torch.Tensor] = {}
         for pid, st in opt_state["state"].items():
@@ -265,11 +336,12 @@ class Learner:
 
         # the rule first: its own checks (tracker settings) may still refuse the checkpoint
         self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
-        for model, weights in ((self.policy, policy_state), (self.rollout, rollout_state)):
-            if self.adapted:  # the file holds the adapter; the base is the one this learner was built on
-                load_adapter(model, weights, f"checkpoint {d}")
-            else:
-                model.transformer.load_state_dict(weights)
+        if isinstance(self.rollout, RolloutAdapter):  # the files hold adapters; the base is this learner's own
+            load_adapter(self.policy, policy_state, f"checkpoint {d}")
+            self.rollout.load({f"transformer.{k}": v for k, v in rollout_state.items()})
+        else:
+            self.policy.transformer.load_state_dict(policy_state)
+            self.rollout.transformer.load_state_dict(rollout_state)
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         self.step = int(meta["step"])
         self.version = int(meta["version"])

@@ -22,6 +22,7 @@ import torch
 from learner.advantages import PerPromptStatTracker, clip_advantages, shape_rewards
 from learner.coupling import couple
 from learner.critic import ValueCritic
+from learner.group import Rows
 from learner.objectives import orw_cfm_w2_loss
 from learner.objectives.ac_flow import ac_flow_actor_loss, critic_regression_loss, critic_weights
 from learner.objectives.advantage_flow import advantage_flow_loss, check_convexity
@@ -42,9 +43,13 @@ Prepared = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Batch:
-    """A scored batch. x0 (B, C, H, W); cond B rows; rewards (B,); prompts B strings;
-    prompt_ids (B,) int64 (equal ids = same prompt); for SDE rollouts also the recorded
-    states (B, K + 1, C, H, W), times (K + 1,) and per-step log_probs (B, K)."""
+    """A scored batch, or a learner rank's rows of one (learner/group.py).
+
+    Whole batch (B rollouts): rewards (B,) and prompts B strings, from which every whole-batch
+    quantity is computed. This learner's rows ``rows`` = [lo, hi) of it, n = hi − lo: x0 (n, C, H, W);
+    cond n rows; prompt_ids (n,) int64 (equal ids = same prompt); for SDE rollouts also the
+    recorded states (n, K + 1, C, H, W), times (K + 1,) and per-step log_probs (n, K). A single
+    learner holds every row (``rows`` None means [0, B))."""
 
     x0: torch.Tensor
     cond: PromptEmbeddings
@@ -54,6 +59,17 @@ class Batch:
     states: torch.Tensor | None = None
     times: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
+    rows: Rows | None = None
+
+    @property
+    def total(self) -> int:
+        """Rollouts in the whole batch."""
+        return int(self.rewards.shape[0])
+
+    @property
+    def mine(self) -> slice:
+        """This learner's rows of the whole batch."""
+        return self.rows.slice if self.rows is not None else slice(0, self.total)
 
 
 def cond_of(p: Prepared) -> PromptEmbeddings:
@@ -61,9 +77,14 @@ def cond_of(p: Prepared) -> PromptEmbeddings:
 
 
 def draw_interpolants(ln: Learner, b: Batch, coupling: str = "independent") -> Prepared:
-    """t ~ U(0, 1), ε ~ N(0, I) (coupled to x0 if asked), x_t and u for the whole batch."""
-    t = sample_training_times(b.x0.shape[0], ln.generator)
-    noise = couple(b.x0, torch.randn(b.x0.shape, generator=ln.generator), b.prompt_ids, coupling)  # type: ignore[arg-type]
+    """t ~ U(0, 1), ε ~ N(0, I) (coupled to x0 if asked), x_t and u for this learner's rows.
+
+    Every rank draws the whole batch's t and ε from the (identically seeded) generator and keeps
+    its rows, so each row gets the same draw however many learners share the batch, and the
+    generators stay in step. Drawn on the CPU (the generator's device), then moved to x0's."""
+    t = sample_training_times(b.total, ln.generator)[b.mine].to(b.x0.device)
+    eps = torch.randn((b.total, *b.x0.shape[1:]), generator=ln.generator)[b.mine].to(b.x0.device)
+    noise = couple(b.x0, eps, b.prompt_ids, coupling)  # type: ignore[arg-type]
     return {"x0": b.x0, "t": t, "x_t": interpolate(b.x0, noise, t), "u": velocity_target(b.x0, noise),
             "tokens": b.cond.tokens, "pooled": b.cond.pooled}
 
@@ -85,8 +106,15 @@ class Rule(Protocol):
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None: ...
 
+    def to(self, device: torch.device) -> None:
+        """Move the rule's own modules (AC-Flow's critic) to the learner's device."""
+        ...
+
 
 class _Stateless:
+    def to(self, device: torch.device) -> None:
+        return None
+
     def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
         return {}
 
@@ -105,16 +133,16 @@ class ORWRule(_Stateless):
 
     def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
         prep = draw_interpolants(ln, b, self.p.coupling)
-        prep["rewards"] = b.rewards
+        prep["rewards"] = b.rewards[b.mine]
         w = torch.exp(self.p.tau * b.rewards)
         # the batch-normalised option divides by the whole batch's mean weight
-        norm = w.mean() if self.p.normalize_weights else torch.tensor(1.0)
+        norm = w.mean() if self.p.normalize_weights else torch.tensor(1.0, device=w.device)
         prep["normalizer"] = norm.expand(b.x0.shape[0])
         return prep, {"ess": float(effective_sample_size(w))}, True
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = cond_of(mb)
-        v = ln.policy(mb["x_t"], mb["t"], c)
+        v = ln.actor(mb["x_t"], mb["t"], c)
         with torch.no_grad():
             v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
         return orw_cfm_w2_loss(v, mb["u"], v_ref, mb["rewards"], tau=self.p.tau, alpha=self.p.alpha,
@@ -131,14 +159,18 @@ class ACFlowRule:
         torch.manual_seed(s.seed)
         self.critic = ValueCritic(in_channels, cond_dim, width=self.p.critic_width)
         self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.p.critic_lr)
+        self._trained: torch.nn.Module | None = None  # the critic as trained (DDP-wrapped in a group)
+
+    def to(self, device: torch.device) -> None:
+        self.critic.to(device)
 
     def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
         norm, tstats = self.tracker.normalize(b.prompts, b.rewards)
         shaped = shape_rewards(norm, self.p.shaping, self.p.shaping_limit)
         prep = draw_interpolants(ln, b)
-        prep["target"] = shaped
-        with torch.no_grad():
-            value = self.critic(prep["x_t"], prep["t"], b.cond.pooled)
+        prep["target"] = shaped[b.mine]
+        with torch.no_grad():  # each rank values its rows; the advantages are the whole batch's
+            value = ln.group.gather(self.critic(prep["x_t"], prep["t"], b.cond.pooled), b.total)
         adv = shaped - value
         clip_frac = 0.0
         if self.p.advantage_clip is not None:
@@ -148,7 +180,7 @@ class ACFlowRule:
             w = critic_weights(shaped, family="exp", tau=self.p.tau)  # ORW weights on r̃
         else:
             w = critic_weights(adv, family=self.p.weighting, tau=self.p.tau)
-        prep["weights"] = w
+        prep["weights"] = w[b.mine]
         stats = {"adv_std": float(adv.std()), "adv_clip_fraction": clip_frac, "warmup": float(warming),
                  "ess": float(effective_sample_size(w)),
                  "zero_spread_groups": tstats["zero_spread_groups"]}
@@ -156,20 +188,33 @@ class ACFlowRule:
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = cond_of(mb)
-        v = ln.policy(mb["x_t"], mb["t"], c)
+        v = ln.actor(mb["x_t"], mb["t"], c)
         with torch.no_grad():
             v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
         return ac_flow_actor_loss(v, mb["u"], v_ref, mb["weights"], alpha=self.p.alpha)
 
     def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
-        """Critic regression of r̃ on the batch's intermediate states (its own optimiser)."""
+        """Critic regression of r̃ on the batch's intermediate states (its own optimiser); in a
+        learner group the critic trains data-parallel on every rank's rows (DDP averages its
+        gradients), so its state stays the same on every rank."""
         out: dict[str, float] = {}
+        g = ln.group
+        if self._trained is None:  # wrapped on first use: DDP's construction is a collective
+            self._trained = g.wrap(self.critic)
         for _ in range(self.p.critic_steps):
-            losses, st = critic_regression_loss(self.critic(p["x_t"], p["t"], p["pooled"]), p["target"])
+            pred = self._trained(p["x_t"], p["t"], p["pooled"])
+            losses, st = critic_regression_loss(pred, p["target"])
             self.optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()
+            if g.distributed:  # Σ over the whole batch's rows / B; DDP divides by the ranks
+                total = int(g.sum([float(losses.shape[0])])[0])
+                (losses.sum() * (g.world_size / total)).backward()
+                _, st = critic_regression_loss(g.gather(pred.detach(), total), g.gather(p["target"], total))
+                loss = g.sum([losses.detach().sum().item()])[0] / total
+            else:
+                losses.mean().backward()
+                loss = losses.mean().item()
             self.optimizer.step()
-            out = {"critic_loss": losses.mean().item(), "explained_variance": float(st["explained_variance"])}
+            out = {"critic_loss": loss, "explained_variance": float(st["explained_variance"])}
         return out
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -196,6 +241,9 @@ class _TrackedRule:
 
     tracker: PerPromptStatTracker
 
+    def to(self, device: torch.device) -> None:
+        return None
+
     def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
         return {}
 
@@ -206,10 +254,11 @@ class _TrackedRule:
         self.tracker.load_state_dict(meta["tracker"])
 
     def advantages(self, b: Batch, a_max: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The advantages of this learner's rows, and statistics, from the whole batch's rewards."""
         adv, tstats = self.tracker.normalize(b.prompts, b.rewards)
         adv, frac = clip_advantages(adv, a_max)
-        return adv, {"adv_std": float(adv.std()), "adv_clip_fraction": frac,
-                     "zero_spread_groups": tstats["zero_spread_groups"]}
+        return adv[b.mine], {"adv_std": float(adv.std()), "adv_clip_fraction": frac,
+                             "zero_spread_groups": tstats["zero_spread_groups"]}
 
 
 class AdvantageFlowRule(_TrackedRule):
@@ -231,7 +280,7 @@ class AdvantageFlowRule(_TrackedRule):
         return prep, stats, True
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        f = data_prediction(mb["x_t"], mb["t"], ln.policy(mb["x_t"], mb["t"], cond_of(mb)))
+        f = data_prediction(mb["x_t"], mb["t"], ln.actor(mb["x_t"], mb["t"], cond_of(mb)))
         return advantage_flow_loss(f, mb["x0"], mb["f_old"], mb["f_ref"], mb["advantages"], gamma=self.p.gamma,
                                    lam=self.p.lam, adaptive_norm=self.p.adaptive_norm)
 
@@ -253,7 +302,7 @@ class DiffusionNFTRule(_TrackedRule):
         return prep, stats, True
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        v = ln.policy(mb["x_t"], mb["t"], cond_of(mb))
+        v = ln.actor(mb["x_t"], mb["t"], cond_of(mb))
         return diffusion_nft_loss(v, mb["v_old"], mb["u"], mb["r"], beta=self.p.beta,
                                   v_ref=mb["v_ref"] if self.p.ref_weight > 0 else None, ref_weight=self.p.ref_weight)
 
@@ -273,7 +322,7 @@ class FlowGRPORule(_TrackedRule):
             raise ValueError("flow_grpo needs SDE rollouts with recorded states and log-probs "
                              "(policy.sampler: sde, rollout.keep_states: true)")
         adv, stats = self.advantages(b, self.p.advantage_clip)
-        bsz, k = b.log_probs.shape
+        bsz, k = b.log_probs.shape  # this learner's rollouts
         rows = bsz * k
         flat = lambda x: x.reshape(rows, *x.shape[2:])  # noqa: E731 - (B, K, ...) → (B·K, ...)
         prep = {
@@ -281,13 +330,13 @@ class FlowGRPORule(_TrackedRule):
             "t": b.times[:-1].repeat(bsz), "s": b.times[1:].repeat(bsz),
             "old_log_prob": b.log_probs.reshape(rows), "advantages": adv.repeat_interleave(k),
             "tokens": b.cond.tokens.repeat_interleave(k, 0), "pooled": b.cond.pooled.repeat_interleave(k, 0),
-            "t_max": torch.full((rows,), grid_t_max(b.times)),
+            "t_max": torch.full((rows,), grid_t_max(b.times), device=b.log_probs.device),
         }
         return prep, stats, True
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c, t_max = cond_of(mb), float(mb["t_max"][0])
-        mean, std = sde_step_mean_std(mb["x_t"], mb["t"], mb["s"], ln.policy(mb["x_t"], mb["t"], c),
+        mean, std = sde_step_mean_std(mb["x_t"], mb["t"], mb["s"], ln.actor(mb["x_t"], mb["t"], c),
                                       self.p.sde_a, t_max=t_max)
         log_prob = gaussian_log_prob(mb["x_s"], mean, std)
         mean_ref = None

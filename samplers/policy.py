@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,8 +79,9 @@ def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str]
     meta = {"transformer_config": json.dumps(dict(model.transformer.config)), **(metadata or {})}
     if is_adapted(model):
         meta["lora"] = json.dumps(lora_settings(model))
+    # a rollout adapter (``RolloutAdapter``) is the learner's π_old, never part of the policy's file
     state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()
-             if is_adapter_key(k) or not adapter_only}
+             if is_adapter_key(k) or not (adapter_only or _is_lora_key(k))}
     if adapter_only:
         meta["adapter_only"] = "1"
     save_tensors(path, state, meta)
@@ -272,6 +274,7 @@ def load_weights(model: SD3Velocity, path: Path | str) -> None:
         load_adapter(model, state, f"{path} (set policy.lora as the run did: {meta.get('lora', 'unknown')})")
         return
     missing, unexpected = model.transformer.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_rollout_key(k)]  # π_old's adapter is no part of a policy file
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the configured policy: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
@@ -279,6 +282,7 @@ def load_weights(model: SD3Velocity, path: Path | str) -> None:
 
 # ---- LoRA ---------------------------------------------------------------------------------
 ADAPTER = "default"
+ROLLOUT_ADAPTER = "rollout"  # π_old's copy of the adapter (``RolloutAdapter``), on the same module
 
 
 def add_lora(model: SD3Velocity, rank: int, alpha: float, target_modules: list[str]) -> SD3Velocity:
@@ -297,8 +301,19 @@ def add_lora(model: SD3Velocity, rank: int, alpha: float, target_modules: list[s
 
 
 def is_adapter_key(name: str) -> bool:
-    """A state-dict key of the LoRA adapter (peft names them ``…lora_A…`` / ``…lora_B…``)."""
+    """A state-dict key of the policy's LoRA adapter (peft names them ``…lora_A.<adapter>…`` /
+    ``…lora_B.<adapter>…``); the rollout adapter's keys (``RolloutAdapter``) are not."""
+    return _is_lora_key(name) and not _is_rollout_key(name)
+
+
+def _is_lora_key(name: str) -> bool:
+    """A key of any LoRA adapter on the module (the policy's or the rollout's)."""
     return "lora_" in name
+
+
+def _is_rollout_key(name: str) -> bool:
+    parts = name.split(".")
+    return any(a.startswith("lora_") and b == ROLLOUT_ADAPTER for a, b in zip(parts, parts[1:], strict=False))
 
 
 def is_adapted(model: nn.Module) -> bool:
@@ -341,11 +356,142 @@ class AdapterDisabled(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings) -> torch.Tensor:
         policy = self._policy[0]
-        policy.transformer.disable_adapters()
-        try:
-            return policy(x_t, t, cond)
-        finally:
-            policy.transformer.enable_adapters()
+        with _requires_grad_kept(policy):  # peft's enable_adapters makes the active adapter trainable
+            policy.transformer.disable_adapters()
+            try:
+                return policy(x_t, t, cond)
+            finally:
+                policy.transformer.enable_adapters()
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self._policy[0].state_dict().items() if not is_adapter_key(k)}
+        return {k: v for k, v in self._policy[0].state_dict().items() if not _is_lora_key(k)}
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(module: nn.Module) -> Iterator[None]:
+    """Every parameter of ``module`` ends as trainable or frozen as it began: peft's adapter
+    switches (``set_adapter``, ``enable_adapters``) set requires_grad by which adapter is active."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class RolloutAdapter:
+    """π_old of a LoRA policy as a second peft adapter (``"rollout"``) on the policy's own
+    transformer: the frozen rollout policy costs one adapter's bytes, not a copy of the base.
+
+    Built from an adapted ``SD3Velocity`` (its ``"default"`` adapter trains), it adds an adapter of
+    the same ``LoraConfig``, holding a copy of the policy's adapter, frozen. A call computes the
+    velocity with the rollout adapter in place of the policy's, under ``no_grad`` and in eval
+    mode, then restores the active adapter, each parameter's requires_grad and each module's
+    train/eval mode, also when the forward raises. ``state``/``load`` speak the policy's adapter
+    keys (``…lora_A.default.weight``), so what it publishes is what a sampler's single-adapter
+    policy receives; ``is_adapter_key`` and everything built on it ignore the rollout adapter.
+    """
+
+    def __init__(self, policy: SD3Velocity) -> None:
+        if not is_adapted(policy):
+            raise ValueError("RolloutAdapter needs a LoRA policy (add_lora); copy a full policy instead")
+        transformer = policy.transformer
+        if ROLLOUT_ADAPTER in transformer.peft_config:
+            raise ValueError(f"the policy already carries a {ROLLOUT_ADAPTER!r} adapter")
+        self._policy = policy
+        config = copy.deepcopy(transformer.peft_config[ADAPTER])
+        device = transformer.device
+        layers = _tuner_layers(transformer)
+        active = [list(m.active_adapters) for m in layers]
+        # the new adapter's initial weights are overwritten below: drawing them must leave the
+        # global RNG where it was, as a deepcopy would
+        with (_requires_grad_kept(policy),
+              torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+              warnings.catch_warnings()):
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(config, adapter_name=ROLLOUT_ADAPTER)  # makes it the active one
+            for m, names in zip(layers, active, strict=True):
+                m.set_adapter(names)
+        with torch.no_grad():
+            for own, rollout in self._pairs():  # the adapter's dtype (float32 under a bf16 base, see add_lora)
+                rollout.data = own.detach().clone()
+                rollout.requires_grad_(False)
+
+    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(policy adapter tensor, its rollout counterpart) for each key of ``adapter_state``."""
+        held = self._policy.state_dict(keep_vars=True)
+        rollout = self._rollout_tensors()
+        return [(v, rollout[k]) for k, v in held.items() if is_adapter_key(k)]
+
+    def _rollout_tensors(self) -> dict[str, torch.Tensor]:
+        """The rollout adapter's tensors under the policy adapter's key names."""
+        return {_policy_key(k): v for k, v in self._policy.state_dict(keep_vars=True).items() if _is_rollout_key(k)}
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings) -> torch.Tensor:
+        """π_old's velocity (detached): the policy's module with the rollout adapter active."""
+        policy = self._policy
+        layers = _tuner_layers(policy.transformer)
+        if any(m.merged for m in layers):
+            raise RuntimeError("the policy's adapter is merged into its weights; unmerge it before calling π_old")
+        active = [list(m.active_adapters) for m in layers]
+        modes = [(m, m.training) for m in policy.modules()]
+        with _requires_grad_kept(policy), torch.no_grad():
+            try:
+                policy.eval()
+                for m in layers:
+                    m.set_adapter(ROLLOUT_ADAPTER, inference_mode=True)
+                return policy(x_t, t, cond)
+            finally:
+                for m, names in zip(layers, active, strict=True):
+                    m.set_adapter(names)
+                for m, mode in modes:
+                    m.training = mode
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The rollout adapter's tensors (detached, not copied), named as ``published_state(policy)``
+        names the policy's: what a sampler's policy loads as its own adapter."""
+        return {k: v.detach() for k, v in self._rollout_tensors().items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """The rollout adapter ← ``state`` (keys as ``state()`` names them); refuses, loading
+        nothing, a state that is not exactly this policy's adapter."""
+        own = self._rollout_tensors()
+        if set(state) != set(own):
+            raise ValueError(f"the rollout state holds {len(state)} adapter tensors, this policy's adapter "
+                             f"{len(own)} (another LoRA rank or target modules?)")
+        wrong = [k for k, v in own.items() if state[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"the rollout state's {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, this "
+                             f"policy's adapter {tuple(own[wrong[0]].shape)} (another LoRA rank?)")
+        for k, v in own.items():
+            v.copy_(state[k])
+
+    @torch.no_grad()
+    def copy_from_policy(self) -> None:
+        """π_old ← π_θ (the adapters; the base is shared)."""
+        for own, rollout in self._pairs():
+            rollout.copy_(own)
+
+    @torch.no_grad()
+    def ema_from_policy(self, decay: float) -> None:
+        """π_old ← decay·π_old + (1 − decay)·π_θ, adapter tensor by adapter tensor."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        for own, rollout in self._pairs():
+            rollout.lerp_(own, 1.0 - decay)
+
+
+def _policy_key(rollout_key: str) -> str:
+    """A rollout adapter's key renamed to the policy adapter's (``lora_A.rollout`` → ``lora_A.default``)."""
+    parts = rollout_key.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i].startswith("lora_") and parts[i + 1] == ROLLOUT_ADAPTER:
+            parts[i + 1] = ADAPTER
+    return ".".join(parts)
+
+
+def _tuner_layers(transformer: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]

@@ -60,6 +60,17 @@ class Trajectory:
         """The prompt of every rollout, (B,) strings."""
         return [self.prompts[i] for i in self.prompt_ids.tolist()]
 
+    def rows(self, lo: int, hi: int) -> Trajectory:
+        """Rollouts ``lo`` … ``hi`` − 1 (a learner rank's share); ``prompts`` is kept whole, so
+        ``prompt_ids`` still index it."""
+        if not 0 <= lo < hi <= self.size:
+            raise ValueError(f"rows {lo}:{hi} are not within a batch of {self.size}")
+        return Trajectory(
+            noise=self.noise[lo:hi], states=self.states[lo:hi], times=self.times, images=self.images[lo:hi],
+            prompt_ids=self.prompt_ids[lo:hi], prompts=self.prompts, version=self.version,
+            cfg_scale=self.cfg_scale, log_probs=None if self.log_probs is None else self.log_probs[lo:hi],
+        )
+
     @staticmethod
     def concat(parts: list[Trajectory]) -> Trajectory:
         """Join batches from one version (e.g. from several samplers) into one."""

@@ -43,6 +43,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, avoid: range = range(0)) -> list[int]:
+    """``n`` different free ports, none in ``avoid`` (``free_port`` called n times may hand out
+    one port twice: the kernel reuses a port once its socket closes; these stay bound until all
+    are chosen)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            if (p := s.getsockname()[1]) not in avoid:
+                ports.append(p)
+        return ports
+    finally:
+        for s in socks:
+            s.close()
+
+
 @dataclass
 class LocalServer:
     """A server process a test started on 127.0.0.1; ``stop`` sends SIGTERM, then SIGKILL."""

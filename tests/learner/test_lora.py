@@ -59,7 +59,7 @@ def test_only_the_adapter_is_published_and_a_sampler_applies_it():
     payload = ln.publish()
     assert payload.state and all("lora_" in k for k in payload.state)
     n_adapter = sum(v.numel() for v in payload.state.values())
-    assert n_adapter < sum(v.numel() for v in ln.rollout.state_dict().values()) / 5
+    assert n_adapter < sum(v.numel() for v in ln.policy.state_dict().values()) / 5
     s = Sampler(_adapted(), table_encode, to_uint8, IMAGE_SHAPE, num_steps=3)
     # a broadcast receiver shapes its buffer by published_state: the same tensors the learner sends
     template = published_state(s.velocity)
@@ -82,7 +82,7 @@ def test_adapter_checkpoint_round_trips_and_refuses_another_rank(tmp_path):
     b = _learner()
     b.load(tmp_path / "ck")
     assert state_checksum(b.policy.state_dict()) == state_checksum(a.policy.state_dict())
-    assert state_checksum(b.rollout.state_dict()) == state_checksum(a.rollout.state_dict())
+    assert state_checksum(b.rollout.state()) == state_checksum(a.rollout.state())
     ref_a = copy.deepcopy(a)
     a.update(fake_batch(seed=5), REWARDS)
     b.update(fake_batch(seed=5), REWARDS)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, terminate
+from tests.conftest import free_ports, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -141,16 +141,18 @@ def ray_head() -> Iterator[RayHead]:
                 # The job's entrypoint `fmrl` is found on the PATH of the head's processes.
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                 "RAY_USAGE_STATS_ENABLED": "0"})
-    dashboard_port = free_port()
     lo, hi = _free_port_range(40)
+    # ten different ports, none among the workers' (one port handed to two components fails `ray start`)
+    ports = iter(free_ports(10, avoid=range(lo, hi + 1)))
+    dashboard_port = next(ports)
     log = temp_dir / "ray-start.log"
     cmd = [str(ray_cli), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-           "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+           "--node-ip-address", "127.0.0.1", "--port", str(next(ports)),
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-           "--ray-client-server-port", str(free_port()), "--node-manager-port", str(free_port()),
-           "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-           "--metrics-export-port", str(free_port()), "--min-worker-port", str(lo), "--max-worker-port", str(hi),
+           "--ray-client-server-port", str(next(ports)), "--node-manager-port", str(next(ports)),
+           "--object-manager-port", str(next(ports)), "--dashboard-agent-listen-port", str(next(ports)),
+           "--dashboard-agent-grpc-port", str(next(ports)), "--runtime-env-agent-port", str(next(ports)),
+           "--metrics-export-port", str(next(ports)), "--min-worker-port", str(lo), "--max-worker-port", str(hi),
            "--object-store-memory", str(200 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
