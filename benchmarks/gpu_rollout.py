@@ -54,20 +54,12 @@ if str(ROOT) not in sys.path:  # the project's packages, also where fmrl is not 
 import torch  # noqa: E402
 from common import machine, write_section  # noqa: E402
 
+from samplers.sd3 import SD35_MEDIUM  # noqa: E402
+
 BEGIN, END = "<!-- gpu-rollout:begin -->", "<!-- gpu-rollout:end -->"
 HEADING = "## GPU rollout and learner throughput (SD3.5-medium size)"
 
-# SD3.5-medium's transformer (diffusers' SD3Transformer2DModel arguments). From the installed
-# diffusers: the signature's comment gives dual_attention_layers (0..12) for SD3.5, and the
-# single-file loader recognises an SD3.5-medium checkpoint by a pos_embed of 147456 = 384²
-# positions and adaLN rows of 9216 = 6·1536 (24 heads × 64). num_layers 24, qk_norm rms_norm
-# and caption_projection_dim 1536 are the published model config (not readable offline here).
-SD35_MEDIUM: dict[str, Any] = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
-}
+# SD3.5-medium's transformer: one copy, in samplers/sd3.py (also what `fmrl make-random-sd3 --size medium` builds)
 TINY: dict[str, Any] = {
     "sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
     "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,

@@ -259,7 +259,9 @@ class Learner:
         d.mkdir(parents=True, exist_ok=True)
         meta = {"step": str(self.step), "version": str(self.version),
                 "scheduler_epoch": str(self.scheduler.last_epoch),
-                "settings": settings_json(self.settings)}
+                "settings": settings_json(self.settings),
+                # replicated (DDP) state: any number of ranks resumes from it
+                "learner_group": json.dumps({"world_size": self.group.world_size, "sharding": "ddp"})}
         save_velocity(self.policy, d / "policy.safetensors", metadata=meta, adapter_only=self.adapted)
         if isinstance(self.rollout, RolloutAdapter):  # π_old's adapter, in the layout of the policy's
             rollout = {k.removeprefix("transformer."): v.cpu().contiguous() for k, v in self.rollout.state().items()}

@@ -28,14 +28,16 @@ the scheduler's bit for bit. Given the same embeddings the two rollouts are bitw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import string
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -115,53 +117,179 @@ def _quiet_progress() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _tiny_components(seed: int, resolution: int) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+# SD3.5-medium's transformer (diffusers' SD3Transformer2DModel arguments). From the installed
+# diffusers: the signature's comment gives dual_attention_layers (0..12) for SD3.5, and the
+# single-file loader recognises an SD3.5-medium checkpoint by a pos_embed of 147456 = 384²
+# positions and adaLN rows of 9216 = 6·1536 (24 heads × 64). num_layers 24, qk_norm rms_norm
+# and caption_projection_dim 1536 are the published model config.
+SD35_MEDIUM: dict[str, Any] = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}
+# SD3's (and SD3.5's) VAE: the published vae/config.json of both pipelines
+SD3_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2, "latent_channels": LATENT_CHANNELS, "norm_num_groups": 32, "sample_size": 1024,
+    "scaling_factor": SD3_VAE_SCALING_FACTOR, "shift_factor": SD3_VAE_SHIFT_FACTOR, "force_upcast": True,
+    "use_quant_conv": False, "use_post_quant_conv": False, "act_fn": "silu",
+}
 
+RandomSize = Literal["tiny", "medium"]
+RANDOM_SIZES: tuple[str, ...] = get_args(RandomSize)
+
+
+@dataclass(frozen=True)
+class TextSizes:
+    """The three text encoders of a random pipeline. What the transformer needs of them:
+    the two CLIPs' hidden sizes together at most T5's width (the pipeline zero-pads them to
+    it), their projections together ``pooled_projection_dim``, T5's width ``joint_attention_dim``."""
+
+    clip_hidden: tuple[int, int]
+    clip_projection: tuple[int, int]
+    clip_layers: int  # at least 2: the pipeline reads the penultimate hidden state
+    clip_heads: int
+    t5_d_model: int
+    t5_d_kv: int
+    t5_d_ff: int
+    t5_layers: int
+    t5_heads: int
+
+
+TINY_TEXT = TextSizes(clip_hidden=(CLIP_HIDDEN, CLIP_HIDDEN), clip_projection=(CLIP_PROJECTION, CLIP_PROJECTION),
+                      clip_layers=2, clip_heads=4, t5_d_model=T5_D_MODEL, t5_d_kv=16, t5_d_ff=2 * T5_D_MODEL,
+                      t5_layers=2, t5_heads=4)
+# SD3's widths where the transformer sees them (CLIP-L 768 + CLIP-G 1280 projections, T5-XXL's
+# 4096), toy sizes everywhere else: a few MB of text encoders instead of ~10 GB
+MEDIUM_TEXT = TextSizes(clip_hidden=(64, 64), clip_projection=(768, 1280), clip_layers=2, clip_heads=4,
+                        t5_d_model=SD35_MEDIUM["joint_attention_dim"], t5_d_kv=16, t5_d_ff=64, t5_layers=1,
+                        t5_heads=2)
+
+
+def _tiny_models(resolution: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tiny pipeline's transformer and VAE arguments for resolution × resolution images."""
     vae_scale = 2 ** (len(VAE_BLOCKS) - 1)
     patch = 2
     if resolution < 1 or resolution % (vae_scale * patch):
         raise ValueError(f"resolution must be a positive multiple of {vae_scale * patch} "
                          f"(VAE scale factor {vae_scale} × patch size {patch}), got {resolution}")
     sample_size = resolution // vae_scale
-    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(_EOS), _clip_tokenizer("!"), _t5_tokenizer()
+    vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
+               up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS), block_out_channels=VAE_BLOCKS,
+               layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=resolution,
+               scaling_factor=SD3_VAE_SCALING_FACTOR, shift_factor=SD3_VAE_SHIFT_FACTOR,
+               use_quant_conv=False, use_post_quant_conv=False)
+    transformer = dict(sample_size=sample_size, patch_size=patch, in_channels=LATENT_CHANNELS,
+                       out_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                       joint_attention_dim=T5_D_MODEL, caption_projection_dim=32,
+                       pooled_projection_dim=2 * CLIP_PROJECTION, pos_embed_max_size=2 * sample_size // patch)
+    return transformer, vae
 
-    def clip(tok) -> CLIPTextModelWithProjection:
+
+def random_sd3_spec(size: RandomSize, resolution: int = 32) -> tuple[dict[str, Any], dict[str, Any], TextSizes]:
+    """(transformer arguments, VAE arguments, text-encoder sizes) of a random pipeline.
+
+    tiny: toy sizes for resolution × resolution images (VAE scale factor 4). medium:
+    SD3.5-medium's transformer (``SD35_MEDIUM``) and SD3's VAE (``SD3_VAE``, scale factor 8)
+    with small text encoders of SD3's output widths (``MEDIUM_TEXT``); ``resolution`` does not
+    apply (any multiple of 16 px renders, 1024 px being the model's native size)."""
+    if size == "tiny":
+        return (*_tiny_models(resolution), TINY_TEXT)
+    if size == "medium":
+        return dict(SD35_MEDIUM), dict(SD3_VAE), MEDIUM_TEXT
+    raise ValueError(f"unknown pipeline size {size!r}; valid: {', '.join(RANDOM_SIZES)}")
+
+
+def _text_encoders(text: TextSizes, tokenizers: tuple) -> tuple[Any, Any, Any]:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def clip(tok, hidden: int, projection: int) -> CLIPTextModelWithProjection:
         config = CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=CLIP_HIDDEN, intermediate_size=2 * CLIP_HIDDEN,
-            projection_dim=CLIP_PROJECTION, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+            projection_dim=projection, num_hidden_layers=text.clip_layers, num_attention_heads=text.clip_heads,
             max_position_embeddings=CLIP_MAX_TOKENS, hidden_act="gelu", bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         return CLIPTextModelWithProjection(config)
 
-    with torch.random.fork_rng(devices=[]):
+    tokenizer, tokenizer_2, tokenizer_3 = tokenizers
+    text_encoder = clip(tokenizer, text.clip_hidden[0], text.clip_projection[0])
+    text_encoder_2 = clip(tokenizer_2, text.clip_hidden[1], text.clip_projection[1])
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=text.t5_d_model, d_kv=text.t5_d_kv, d_ff=text.t5_d_ff,
+        num_layers=text.t5_layers, num_heads=text.t5_heads, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        use_cache=False, pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
+        decoder_start_token_id=tokenizer_3.pad_token_id))
+    return text_encoder, text_encoder_2, text_encoder_3
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(was)
+
+
+def random_sd3_components(size: RandomSize, seed: int, resolution: int = 32, dtype: torch.dtype = torch.float32,
+                          meta: bool = False) -> dict[str, Any]:
+    """A random ``StableDiffusion3Pipeline``'s components (``random_sd3_spec``'s sizes), in eval mode.
+
+    Weights are initialised in ``dtype`` (bf16 halves the medium transformer's 2.5 B
+    parameters to ~5 GB of RAM); the same seed gives the same weights. ``meta``: the
+    transformer and the VAE on the meta device (their configs and shapes, no memory);
+    the text encoders, tokenizers and scheduler are always real."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    transformer_args, vae_args, text = random_sd3_spec(size, resolution)
+    tokenizers = _clip_tokenizer(_EOS), _clip_tokenizer("!"), _t5_tokenizer()
+    big = torch.device("meta") if meta else contextlib.nullcontext()
+    # the order of construction is the order of random draws: keep it, or a seed's weights change
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
         torch.manual_seed(seed)
-        text_encoder, text_encoder_2 = clip(tokenizer), clip(tokenizer_2)
-        text_encoder_3 = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer_3), d_model=T5_D_MODEL, d_kv=16, d_ff=2 * T5_D_MODEL, num_layers=2,
-            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-            pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
-            up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS), block_out_channels=VAE_BLOCKS,
-            layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=resolution,
-            scaling_factor=SD3_VAE_SCALING_FACTOR, shift_factor=SD3_VAE_SHIFT_FACTOR,
-            use_quant_conv=False, use_post_quant_conv=False)
-        transformer = SD3Transformer2DModel(
-            sample_size=sample_size, patch_size=patch, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-            num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_D_MODEL,
-            caption_projection_dim=32, pooled_projection_dim=2 * CLIP_PROJECTION,
-            pos_embed_max_size=2 * sample_size // patch)
+        text_encoder, text_encoder_2, text_encoder_3 = _text_encoders(text, tokenizers)
+        with big:
+            vae = AutoencoderKL(**vae_args)
+            transformer = SD3Transformer2DModel(**transformer_args)
     for model in (text_encoder, text_encoder_2, text_encoder_3, vae, transformer):
         model.eval()
     return dict(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        text_encoder=text_encoder, tokenizer=tokenizers[0], text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizers[1], text_encoder_3=text_encoder_3, tokenizer_3=tokenizers[2],
     )
+
+
+def _tiny_components(seed: int, resolution: int) -> dict[str, Any]:
+    return random_sd3_components("tiny", seed, resolution)
+
+
+def build_random_sd3_pipeline(out_dir: str | Path, size: RandomSize = "tiny", seed: int = 0,
+                              resolution: int = 32) -> Path:
+    """Write a random, complete ``StableDiffusion3Pipeline`` of ``size`` to ``out_dir``; returns it.
+
+    tiny (float32, kB–MB): see :func:`build_tiny_sd3_pipeline`. medium (bfloat16, ~5 GB):
+    SD3.5-medium's transformer (2.5 B parameters) and SD3's VAE with random weights, and
+    text encoders of SD3's output widths at toy depth — for timing and memory, not images.
+    An existing ``out_dir`` must be empty or hold a pipeline (which is overwritten)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no pipeline (no model_index.json); "
+                              "give a new or empty directory")
+    random_sd3_spec(size, resolution)  # a bad size or resolution fails before any weights are drawn
+    dtype = torch.bfloat16 if size == "medium" else torch.float32
+    pipe = StableDiffusion3Pipeline(**random_sd3_components(size, seed, resolution, dtype))
+    with _quiet_progress():
+        pipe.save_pretrained(out)
+    return out
 
 
 def build_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, resolution: int = 32) -> Path:
@@ -176,18 +304,7 @@ def build_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, resolution: int 
     and tokenizers built in memory. The same seed gives the same weights. An existing
     ``out_dir`` must be empty or hold a pipeline (which is overwritten).
     """
-    from diffusers import StableDiffusion3Pipeline
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
-        raise FileExistsError(f"{out} is not empty and holds no pipeline (no model_index.json); "
-                              "give a new or empty directory")
-    pipe = StableDiffusion3Pipeline(**_tiny_components(seed, resolution))
-    with _quiet_progress():
-        pipe.save_pretrained(out)
-    return out
+    return build_random_sd3_pipeline(out_dir, "tiny", seed, resolution)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -20,6 +20,8 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from learner.group import LearnerGroup
+from learner.learner import Learner
 from reward_workers.metrics import client_metric_families
 from samplers.policy import published_state
 from samplers.trajectory import Trajectory
@@ -142,23 +144,43 @@ class RewardWorker:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: TrainConfig) -> None:
+    """One learner rank. A single learner builds its Learner at once; the ranks of a learner
+    group (resources.num_learners > 1) build theirs in ``join_learners``, once the group's
+    process group exists (DDP's construction is a collective)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0) -> None:
         torch.set_num_threads(cfg.resources.torch_threads)
-        self.learner = build_learner(cfg)
+        self.cfg, self.rank = cfg, rank
+        self.learner: Learner | None = build_learner(cfg) if cfg.resources.num_learners == 1 else None
         self.backend = cfg.pipeline.dist_backend
         self.reward_cfg = cfg.reward
         self.metrics = _ActorMetrics("learner", "fmrl_learner_step_phase_seconds", "fmrl_learner_publish_seconds")
 
-    def update(self, scored: dict[str, np.ndarray], *parts: Trajectory) -> dict[str, Any]:
+    def join_learners(self, address: str, port: int, timeout_s: float) -> None:
+        """Form the learner group with the other ranks (all call this at once), then build the learner."""
+        n = self.cfg.resources.num_learners
+        backend = "nccl" if self.cfg.resources.learner_gpus >= 1 else "gloo"
+        self.learner = build_learner(self.cfg, LearnerGroup.join(address, port, self.rank, n, timeout_s, backend))
+
+    def update(self, scored: dict[str, np.ndarray], prompts: list[str] | None, skip: int,
+               *parts: Trajectory) -> dict[str, Any]:
+        """Update on the parts' rollouts from ``skip`` on: the whole batch for a single learner; a
+        rank's rows (``prompts``: the whole batch's) in a group, whose statistics are the batch's."""
+        assert self.learner is not None
         batch = Trajectory.concat(list(parts))
         rewards = torch.tensor(scored["scores"], dtype=torch.float32)  # arrives read-only
+        if self.learner.group.distributed:
+            rows = self.learner.group.rows(int(rewards.shape[0]))
+            batch = batch.rows(skip, skip + rows.size)
         with self.metrics.work():
-            stats = self.learner.update(batch, rewards)
+            stats = self.learner.update(batch, rewards, prompts)
         for phases in self.learner.step_phase_seconds:
             for phase, seconds in phases.items():
-                self.metrics.m["fmrl_learner_step_phase_seconds"].observe(seconds, tags={"phase": phase})
+                self.metrics.m["fmrl_learner_step_phase_seconds"].observe(
+                    seconds, tags={"phase": phase, "rank": str(self.rank)})
         stats.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
-                     step=self.learner.step, version=self.learner.version)
+                     step=self.learner.step, version=self.learner.version,
+                     learner_ranks=self.learner.group.world_size)
         stats.update(component_means(scored, self.reward_cfg))
         stats["diversity"] = float(scored["diversity"])
         if "digits_classifier/correct" in scored:
@@ -199,12 +221,17 @@ class LearnerWorker:
 class Actors:
     samplers: list[Any]
     reward: Any
-    learner: Any
+    learners: list[Any]  # rank 0 first
     group: PlacementGroup | None
+
+    @property
+    def learner(self) -> Any:  # noqa: ANN401 - a Ray actor handle
+        """Rank 0: the learner that publishes and writes checkpoints."""
+        return self.learners[0]
 
     def shutdown(self) -> None:
         """Kill the actors and free their placement group (a joined cluster keeps running)."""
-        for a in (*self.samplers, self.reward, self.learner):
+        for a in (*self.samplers, self.reward, *self.learners):
             ray.kill(a, no_restart=True)
         if self.group is not None:
             remove_placement_group(self.group)
@@ -221,7 +248,11 @@ def reserve(cfg: TrainConfig, name: str) -> tuple[PlacementGroup | None, list[di
     r: ResourcesConfig = cfg.resources
     bundles = [_bundle(r.learner_cpus, r.learner_gpus, r.learner_resources),
                _bundle(r.reward_cpus, r.reward_gpus, r.reward_resources),
-               *[_bundle(r.sampler_cpus, r.sampler_gpus, r.sampler_resources)] * r.num_samplers]
+               *[_bundle(r.sampler_cpus, r.sampler_gpus, r.sampler_resources)] * r.num_samplers,
+               *[_bundle(r.learner_cpus, r.learner_gpus, r.learner_resources)] * (r.num_learners - 1)]
+    roles = (["learner", "reward"] + [f"sampler {i}" for i in range(r.num_samplers)]
+             + [f"learner {i}" for i in range(1, r.num_learners)])
+    check_gpus(cfg)
     if r.placement == "none":
         return None, bundles
     pg = placement_group(bundles, strategy=r.placement.upper(), name=name)
@@ -229,12 +260,29 @@ def reserve(cfg: TrainConfig, name: str) -> tuple[PlacementGroup | None, list[di
         ray.get(pg.ready(), timeout=r.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        roles = ["learner", "reward"] + [f"sampler {i}" for i in range(r.num_samplers)]
         asked = "; ".join(f"{role} {b}" for role, b in zip(roles, bundles, strict=True))
         raise PlacementError(f"the cluster could not place the run's actors within {r.placement_timeout_s:g} s "
                              f"(strategy {r.placement.upper()}): asked {asked}; the cluster has "
                              f"{ray.cluster_resources()} — lower resources.* or add nodes") from None
     return pg, bundles
+
+
+def check_gpus(cfg: TrainConfig) -> None:
+    """On a cluster this run started (nothing else can join it), refuse GPUs it does not have,
+    naming the keys, before any actor starts; a joined cluster may still grow (an autoscaler),
+    so there the placement timeout decides."""
+    from services.cluster import embedded
+
+    r = cfg.resources
+    if not embedded():
+        return
+    asked = r.num_learners * r.learner_gpus + r.num_samplers * r.sampler_gpus + r.reward_gpus
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if asked > have:
+        raise PlacementError(f"the run asks for {asked:g} GPUs (resources.num_learners={r.num_learners} × "
+                             f"learner_gpus={r.learner_gpus:g}, num_samplers={r.num_samplers} × sampler_gpus="
+                             f"{r.sampler_gpus:g}, reward_gpus={r.reward_gpus:g}); this machine's cluster has "
+                             f"{have:g}")
 
 
 def start_actors(cfg: TrainConfig, name: str = "fmrl") -> Actors:
@@ -252,8 +300,19 @@ def start_actors(cfg: TrainConfig, name: str = "fmrl") -> Actors:
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
         return o
 
-    learner = ray.remote(LearnerWorker).options(name=f"{name}-learner", **opts(0, 0)).remote(cfg)
+    learners = [ray.remote(LearnerWorker).options(name=f"{name}-learner", **opts(0, 0)).remote(cfg)]
+    learners += [ray.remote(LearnerWorker).options(name=f"{name}-learner-{k}", **opts(1 + r.num_samplers + k, 0))
+                 .remote(cfg, k) for k in range(1, r.num_learners)]
     reward = ray.remote(RewardWorker).options(name=f"{name}-reward", **opts(1, r.max_restarts)).remote(cfg)
     samplers = [ray.remote(SamplerWorker).options(name=f"{name}-sampler-{i}", **opts(2 + i, r.max_restarts))
                 .remote(cfg) for i in range(r.num_samplers)]
-    return Actors(samplers, reward, learner, pg)
+    actors = Actors(samplers, reward, learners, pg)
+    if r.num_learners > 1:  # rank 0 hosts the group's rendezvous; every rank joins at once
+        address, port = ray.get(learners[0].group_address.remote())
+        t = cfg.pipeline.sync_timeout_s
+        try:
+            ray.get([w.join_learners.remote(address, port, t) for w in learners], timeout=t + 60)
+        except BaseException:
+            actors.shutdown()
+            raise
+    return actors

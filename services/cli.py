@@ -270,6 +270,28 @@ def cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_random_sd3(args: argparse.Namespace) -> int:
+    if args.size == "tiny":  # exactly make-tiny-sd3
+        return cmd_make_tiny_sd3(argparse.Namespace(out=args.out, seed=args.seed, resolution=args.resolution or 32))
+    if args.resolution is not None:
+        raise ValueError(f"--resolution sizes the tiny pipeline only; {args.size} has SD3.5-medium's sizes "
+                         "(1024 px native, any multiple of 16 px renders)")
+    import torch
+
+    from samplers.sd3 import build_random_sd3_pipeline, load_sd3_pipeline
+
+    out = build_random_sd3_pipeline(Path(args.out), args.size, seed=args.seed)
+    pipe = load_sd3_pipeline(str(out), dtype=torch.bfloat16)  # what was written loads
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name)
+        params = sum(p.numel() for p in module.parameters())
+        print(f"{name:15s} {type(module).__name__:28s} {params / 1e6:10.3f} M parameters")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote a random {args.size} StableDiffusion3Pipeline (seed {args.seed}; SD3.5-medium's transformer, "
+          f"SD3's VAE, small text encoders of SD3's widths; bfloat16) to {out} ({size / 1e9:.2f} GB)")
+    return 0
+
+
 def cmd_reward_worker(args: argparse.Namespace) -> int:
     from reward_workers.service import main as service_main
 
@@ -370,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=_SEED, default=0, help="seed of the random weights")
     ts.add_argument("--resolution", type=_count(8, 4096), default=32, help="image side in pixels (a multiple of 8)")
     ts.set_defaults(func=cmd_make_tiny_sd3)
+
+    rs = sub.add_parser("make-random-sd3", help="write a random StableDiffusion3Pipeline directory: tiny "
+                        "(= make-tiny-sd3) or medium (SD3.5-medium's transformer and SD3's VAE, ~5 GB in bfloat16, "
+                        "small text encoders; for GPU timing and memory checks)")
+    rs.add_argument("--size", choices=["tiny", "medium"], default="tiny", help="the pipeline's size")
+    rs.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier pipeline)")
+    rs.add_argument("--seed", type=_SEED, default=0, help="seed of the random weights")
+    rs.add_argument("--resolution", type=_count(8, 4096),
+                    help="tiny only: image side in pixels (a multiple of 8; default 32)")
+    rs.set_defaults(func=cmd_make_random_sd3)
 
     rw = sub.add_parser("reward-worker", add_help=False,
                         help="serve a reward over Redis Streams (`fmrl reward-worker --help` for its options)")

@@ -64,6 +64,11 @@ def ensure_ray(cfg: TrainConfig) -> bool:
     return True
 
 
+def embedded() -> bool:
+    """Whether this process runs on a cluster it started itself (which nothing else joins)."""
+    return _guard is not None and _guard.poll() is None and ray.is_initialized()
+
+
 def start_embedded(num_cpus: int | None) -> None:
     """A new single-node cluster on 127.0.0.1 whose processes end with this one."""
     _close_guard()  # a previous embedded cluster of this process is shut down by now

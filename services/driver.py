@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from learner.group import split_rows
 from reward_workers.digits import HeldoutSVM
 from samplers.sampler import WeightsMismatch
 from services.actors import Actors, start_actors
@@ -328,10 +329,54 @@ class Pipeline:
         return 1 << 30
 
     def update(self, b: Batch) -> dict[str, Any]:
+        """Every learner rank's update on its rows of ``b`` (the statistics are the whole batch's,
+        the same on every rank: rank 0's are returned). Each rank is handed the references of the
+        parts that hold its rows and where its rows start in the first of them; the whole batch's
+        scores and prompts are a few numbers and strings per rollout."""
+        learners = self.a.learners
+        refs = [p.traj for p in b.parts]
+        if len(learners) == 1:
+            calls = [learners[0].update.remote(b.scores, None, 0, *refs)]
+        else:
+            n = self.cfg.rollout.samples_per_prompt
+            prompts = [s for p in b.parts for s in p.prompts for _ in range(n)]  # rollouts are prompt-major
+            starts = np.cumsum([0] + [len(p.prompts) * n for p in b.parts])
+            calls = []
+            for learner, rows in zip(learners, split_rows(len(prompts), len(learners)), strict=True):
+                first = int(np.searchsorted(starts, rows.lo, side="right")) - 1
+                last = int(np.searchsorted(starts, rows.hi, side="left"))  # parts [first, last) hold the rows
+                calls.append(learner.update.remote(b.scores, prompts, rows.lo - int(starts[first]),
+                                                   *refs[first:last]))
         try:
-            return ray.get(self.a.learner.update.remote(b.scores, *[p.traj for p in b.parts]))
+            return first_failure(calls)[0]
         except _LOST as exc:
-            raise LearnerLost(f"the learner died at iteration {b.iteration}: {exc}") from None
+            rank = next((k for k, c in enumerate(calls) if _lost(c)), 0)
+            who = "the learner" if len(learners) == 1 else f"learner rank {rank}"
+            raise LearnerLost(f"{who} died at iteration {b.iteration}: {exc}") from None
+
+
+def first_failure(refs: list[Any]) -> list[Any]:
+    """``ray.get(refs)``, but raising the first error as soon as any call fails (a learner rank's
+    peers would otherwise wait in a collective until its timeout before the driver heard)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
+def _lost(ref: Any) -> bool:  # noqa: ANN401 - a Ray object ref
+    """Whether the call behind ``ref`` failed because its actor died."""
+    ready, _ = ray.wait([ref], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(ref)
+    except _LOST:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is not a death
+        return False
+    return False
 
 
 def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | None, iteration: int = 0,
@@ -472,7 +517,8 @@ class Checkpoints:
         """Load the checkpoint into the learner, then record the config the run continues under,
         restore the pipeline's totals and publish the checkpoint's version to every sampler."""
         ckpt, state, pipe = resumed.ckpt, resumed.state, self.pipe
-        ray.get(pipe.a.learner.load.remote(str(ckpt.resolve())))
+        # every rank loads the same files: a DDP group's state is the same on every rank
+        ray.get([learner.load.remote(str(ckpt.resolve())) for learner in pipe.a.learners])
         write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
         pipe.totals.update(state["totals"])
         if pipe.metrics is not None:
@@ -568,7 +614,8 @@ def train(cfg: TrainConfig, config_name: str = "digits", resume: Path | str | No
             loggers.log_phase(f"joining the Ray cluster at {address}" if address else "starting Ray")
         started_ray = ensure_ray(cfg)
         t0 = time.time()
-        loggers.log_phase(f"starting {_plural(cfg.resources.num_samplers, 'sampler')}, 1 learner, 1 reward actor")
+        loggers.log_phase(f"starting {_plural(cfg.resources.num_samplers, 'sampler')}, "
+                          f"{_plural(cfg.resources.num_learners, 'learner')}, 1 reward actor")
         actors = start_actors(cfg, f"fmrl-{run_dir.name}")
         pipe = Pipeline(actors, cfg)
         pipe.metrics = prom.metrics

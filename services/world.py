@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learner.group import LearnerGroup
 from learner.learner import Learner
 from samplers import digits
 from samplers.policy import SD3Velocity, add_lora, load_velocity, read_tensors
@@ -101,6 +102,10 @@ def build_sampler(cfg: TrainConfig) -> Sampler:
     )
 
 
-def build_learner(cfg: TrainConfig) -> Learner:
+def build_learner(cfg: TrainConfig, group: LearnerGroup | None = None) -> Learner:
+    """The learner (``group``: its place in a learner group), with the transformer's gradient
+    checkpointing switched on when learner.gradient_checkpointing asks for it."""
     parts = load_policy(cfg.policy)
-    return Learner(parts.velocity, parts.encode, cfg.learner_settings())
+    if cfg.learner.gradient_checkpointing:
+        parts.velocity.transformer.enable_gradient_checkpointing()
+    return Learner(parts.velocity, parts.encode, cfg.learner_settings(), group)

@@ -167,7 +167,8 @@ METRICS: tuple[Metric, ...] = (
            "sampler).", scope="ray_actor"),
     Metric("fmrl_learner_step_phase_seconds", "histogram", "seconds", "The learner's time per optimiser "
            "step inside its actor, by phase: prepare (the objective's whole-batch inputs: critic fit, "
-           "advantages), forward_backward, optimizer (clip, step, the rollout policy's update).", ("phase",),
+           "advantages), forward_backward (with a learner group's gradient all-reduce), optimizer (clip, "
+           "step, the rollout policy's update); by learner rank.", ("phase", "rank"),
            SECONDS_BUCKETS, scope="ray_actor"),
     Metric("fmrl_learner_publish_seconds", "histogram", "seconds", "The learner's time to publish a version "
            "(copy and checksum; a broadcast's send), by backend.", ("backend",), SECONDS_BUCKETS,

@@ -1,0 +1,62 @@
+"""A learner group through real Ray actors: two learner ranks (gloo, DDP) train a run as one
+learner does, resume from their checkpoint, and bad group settings are refused before anything
+starts."""
+
+import json
+
+import pytest
+
+from services.config import ConfigError, load_config
+from services.driver import train
+from tests.services.conftest import short_config
+
+# learning statistics of N = 2 against N = 1: float32 reduction order in the gradients moves the
+# weights by ~1e-6 relative (tests/learner/test_group.py), which moves later rollouts and rewards
+TOL = 1e-3
+
+
+def _rows(run) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_learner_gpus_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_path, small_policy):
+    # first in this module: before the shared cluster starts, so train() starts an embedded one
+    cfg = short_config(tmp_path, small_policy, name="gpus", **{"resources.num_learners": 2,
+                                                               "resources.learner_gpus": 1})
+    from services.actors import PlacementError
+
+    with pytest.raises(PlacementError, match=r"asks for 2 GPUs \(resources.num_learners=2 × learner_gpus=1"):
+        train(cfg)
+    assert not (tmp_path / "gpus").exists()
+
+
+def test_two_learner_ranks_train_and_resume_as_one_learner(cluster, tmp_path, small_policy):
+    algo = {"algorithm.name": "ac_flow", "algorithm.ac_flow.warmup_steps": 1}
+    one = train(short_config(tmp_path, small_policy, name="one", iterations=2, **algo))
+    two = train(short_config(tmp_path, small_policy, name="two", iterations=1, **algo,
+                             **{"resources.num_learners": 2, "learner.micro_batch_size": 5}))
+    assert two["before"] == one["before"]
+    # the N = 2 run continues from its checkpoint, still with two ranks, to the second iteration
+    resumed = load_config(tmp_path / "two" / "config.yaml", ["run.iterations=2"])
+    train(resumed, resume=tmp_path / "two")
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["iteration"] for r in b] == [0, 1]
+    assert {r["learner_ranks"] for r in a} == {1} and {r["learner_ranks"] for r in b} == {2}
+    assert b[0]["reward_mean"] == a[0]["reward_mean"]  # the same first rollouts
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "reward_mean", "critic_loss", "adv_std", "ess", "grad_norm", "version"):
+            assert rb[key] == pytest.approx(ra[key], rel=TOL, abs=1e-5), (ra["iteration"], key)
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["resources.num_learners=13"], "resources.num_learners=13 exceeds the 12 rollouts of a batch"),
+    (["resources.num_learners=2", "algorithm.name=orw_cfm_w2", "algorithm.orw.coupling=minibatch_ot"],
+     "algorithm.orw.coupling minibatch_ot pairs noise across the whole batch"),
+    (["resources.num_learners=2", "pipeline.weight_sync=torch_distributed"],
+     "pipeline.weight_sync torch_distributed is not built for a learner group yet"),
+    (["resources.num_learners=2", "resources.learner_gpus=0.5"], "needs one whole GPU per learner"),
+])
+def test_bad_learner_group_settings_are_one_line_errors(tmp_path, small_policy, sets, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        short_config(tmp_path, small_policy, **dict(s.split("=", 1) for s in sets))
+    assert "\n" not in str(err.value)
