@@ -349,7 +349,7 @@ def plan_text(cfg: dict[str, Any], measured: Path | None = None) -> tuple[str, d
         "",
         "LoRA gradients and AdamW moments are fp32 (the adapter trains in fp32 on the bf16 base, "
         "samplers.policy.add_lora); full fine-tuning's gradients are bf16, its moments fp32. π_old for LoRA is the "
-        "second adapter the learner is moving to; a learner that keeps π_old as a deep copy of the policy pays "
+        "second adapter the learner keeps (samplers.policy.RolloutAdapter); keeping π_old as a deep copy of the policy would cost "
         f"another {gb(2 * s.params + 4 * s.adapter)} GB (the bf16 base again).",
         "",
         f"**Goal: SD3.5-M LoRA r{LORA_RANK} at {RESOLUTION} px on one 80 GB GPU with ≥ {HEADROOM:.0%} headroom**, "
