@@ -19,11 +19,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["LearnerGroup", "Rows", "split_rows"]
+__all__ = ["LearnerGroup", "Rows", "Sharding", "full_tensor", "local_like", "split_rows"]
+
+Sharding = Literal["ddp", "fsdp"]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter or state: a DTensor is gathered
+    (a collective: every rank calls it, in the same order), a plain tensor returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_like(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` (every rank holds it, e.g. read from a checkpoint) laid out as ``like``: this rank's
+    shard as a DTensor when ``like`` is one (no communication), else ``full`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    full = full.to(like.device)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
 @dataclass(frozen=True)
@@ -65,14 +87,18 @@ class LearnerGroup:
     process group for the N learners (every rank calls it at the same time).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 sharding: Sharding = "ddp") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a group of {world_size}")
+        if sharding not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown sharding {sharding!r}; valid: 'ddp', 'fsdp'")
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.sharding = sharding
 
     @classmethod
     def join(cls, address: str, port: int, rank: int, world_size: int, timeout_s: float,
-             backend: str = "gloo") -> LearnerGroup:
+             backend: str = "gloo", sharding: Sharding = "ddp") -> LearnerGroup:
         """Initialise the default process group of the N learners (rank 0 hosts the rendezvous at
         ``address:port``); NCCL groups exchange tensors on this process's GPU."""
         import torch.distributed as dist
@@ -82,11 +108,28 @@ class LearnerGroup:
                 dist.destroy_process_group()
             dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
                                     world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        return cls(rank, world_size, "cuda" if backend == "nccl" else "cpu")
+        return cls(rank, world_size, "cuda" if backend == "nccl" else "cpu", sharding)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the policy's weights are sharded over the ranks (FSDP) rather than replicated."""
+        return self.distributed and self.sharding == "fsdp"
+
+    def shard(self, module: nn.Module) -> nn.Module:
+        """Shard ``module`` (an ``SD3Velocity``) over the group with FSDP2 (``fully_shard``): each
+        transformer block is one unit, the rest the root's. Its parameters become DTensors; every
+        forward and backward is then a collective, so every rank must make the same calls."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for block in module.transformer.transformer_blocks:  # type: ignore[union-attr]
+            fully_shard(block, mesh=mesh)
+        return fully_shard(module, mesh=mesh)
 
     def rows(self, total: int) -> Rows:
         return split_rows(total, self.world_size)[self.rank]
@@ -128,6 +171,19 @@ class LearnerGroup:
         out = [torch.empty_like(buf) for _ in parts]
         dist.all_gather(out, buf)
         return torch.cat([o[:p.size] for o, p in zip(out, parts, strict=True)]).to(local.device)
+
+    def reshard(self, *modules: object) -> None:
+        """Put FSDP modules back into their shards. FSDP2 leaves the root's own parameters whole
+        after a forward that no backward follows (π_old's, the reference's, a frozen actor's), and
+        the weights are then plain tensors until it reshards: do it before they are read or
+        updated in place (EMA, refresh, publish, save)."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in modules:
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` with its gradients averaged over the group by torch's

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from learner.group import LearnerGroup
+from learner.group import LearnerGroup, full_tensor, local_like
 from learner.pretrain import ema_update
 from learner.rules import Batch, Prepared, build_rule, settings_json
 from learner.settings import LearnerSettings
@@ -34,6 +34,7 @@ from samplers.policy import (
     RolloutAdapter,
     SD3Velocity,
     is_adapted,
+    is_adapter_key,
     load_adapter,
     lora_settings,
     published_state,
@@ -84,8 +85,19 @@ class Learner:
         tcfg = policy.transformer.config
         self.rule = build_rule(settings, tcfg.in_channels, tcfg.pooled_projection_dim)
         self.rule.to(self.device)
-        # the forward that trains (``actor``): through DDP in a group, so backward averages the gradients
-        self._synced: nn.Module = self.group.wrap(self.policy)
+        if self.group.sharded:
+            # FSDP: π_θ (and a full policy's reference and π_old) sharded over the ranks; its
+            # backward reduce-scatters the gradients. The reference's checksum is taken whole first.
+            self._reference_checksum()
+            self.group.shard(self.policy)
+            if not self.adapted:
+                self.group.shard(self.reference)
+                self.group.shard(self.rollout)
+            self._synced: nn.Module = self.policy
+        else:
+            # DDP in a group (backward all-reduces the gradients); the policy itself when alone
+            self._synced = self.group.wrap(self.policy)
+        # the forward that trains (rules call ``ln.actor``)
         self.actor: nn.Module = self._synced
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -150,21 +162,31 @@ class Learner:
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
         loss_sum = 0.0
-        starts = range(0, mine, s.micro_batch_size)
-        for lo in starts:
-            mb: Prepared = {k: v[lo:lo + s.micro_batch_size] for k, v in prep.items()}
-            # In a group, gradients accumulate locally and DDP all-reduces them at the last
-            # micro-batch's backward. The earlier ones run the bare policy rather than DDP under
+        chunks = self._micro_batches(mine)
+        for i, (lo, hi) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            # an FSDP rank with fewer rows than the others still makes every forward (each is a
+            # collective): on its first row, with weight 0
+            mb: Prepared = {k: v[lo:hi] if hi > lo else v[:1] for k, v in prep.items()}
+            # In a group, gradients accumulate locally and are reduced at the last micro-batch's
+            # backward. Under DDP the earlier ones run the bare policy rather than DDP under
             # no_sync(): ranks may hold different numbers of micro-batches, and DDP's forward can
             # itself be a collective (its one-off bucket rebuild), so every rank makes exactly one
             # DDP forward per optimiser step.
-            self.actor = self._synced if train_actor and lo == starts[-1] else self.policy
+            if g.sharded:
+                self.policy.set_requires_gradient_sync(last)  # type: ignore[operator]
+            else:
+                self.actor = self._synced if train_actor and last else self.policy
             with contextlib.nullcontext() if train_actor else torch.no_grad():  # a frozen actor: statistics only
                 losses, st = self.rule.losses(self, mb)
             if train_actor:
                 loss = losses.sum() / n
-                # DDP averages over the ranks; each rank's share of Σ/n is scaled back up
+                if hi == lo:
+                    loss = loss * 0.0
+                # DDP and FSDP average over the ranks; each rank's share of Σ/n is scaled back up
                 (loss * g.world_size if g.distributed else loss).backward()
+            if hi == lo:
+                continue
             loss_sum += float(losses.detach().sum())
             for k, v in st.items():  # the objective's statistics: row-weighted over micro-batches,
                 if k.endswith("_max"):  # or the largest
@@ -177,6 +199,7 @@ class Learner:
             sums = dict(zip(keys, vals, strict=True))
             maxima = dict(zip(sorted(maxima), g.max([maxima[k] for k in sorted(maxima)]), strict=True))
         t2 = time.perf_counter()
+        g.reshard(self.policy, self.reference, self.rollout)
         grad_norm = 0.0
         if train_actor:
             grad_norm = float(nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))
@@ -203,6 +226,16 @@ class Learner:
         return {"loss": loss_sum / n, **{k: v / n for k, v in sums.items()}, **maxima, "grad_norm": grad_norm,
                 "lr": self.scheduler.get_last_lr()[0], **stats}
 
+    def _micro_batches(self, rows: int) -> list[tuple[int, int]]:
+        """[lo, hi) of each micro-batch of this rank's ``rows``: learner.micro_batch_size rows each;
+        with FSDP every rank makes as many as the rank that needs most (its forwards are
+        collectives), cut evenly, so some may be empty."""
+        mbs = self.settings.micro_batch_size
+        if not self.group.sharded:
+            return [(lo, min(lo + mbs, rows)) for lo in range(0, rows, mbs)]
+        k = int(self.group.max([float(-(-rows // mbs))])[0])
+        return [(rows * i // k, rows * (i + 1) // k) for i in range(k)]
+
     # ---- publishing ----------------------------------------------------------------
     def refresh_rollout(self) -> None:
         """Make the rollout policy the next published version (π_old ← π_θ when copying;
@@ -222,8 +255,10 @@ class Learner:
 
     def publish(self, current: bool = False) -> WeightsPayload:
         """The rollout policy's weights (or π_θ's when ``current``), with version and checksum."""
+        self.group.reshard(self.policy, self.rollout)
         src = published_state(self.policy) if current else self._rollout_state()
-        state = {k: v.detach().clone() for k, v in src.items()}
+        # an FSDP group's shards are gathered: every rank calls publish, in the same order
+        state = {k: full_tensor(v).detach().clone() for k, v in src.items()}
         return WeightsPayload(self.step if current else self.version, state, state_checksum(state))
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -255,26 +290,35 @@ class Learner:
         keeps only its adapter, the base stays in the pipeline directory), rollout.safetensors and
         optimizer.safetensors: everything ``load`` needs to continue bitwise identically. Each file
         records its SHA-256 digest (``samplers.policy.save_tensors``), which ``load`` verifies."""
+        g = self.group
+        g.reshard(self.policy, self.rollout)
+        # An FSDP group's shards are gathered into whole tensors on rank 0 (every rank calls save,
+        # in the same order), so its checkpoint is the same unsharded files as one learner's.
+        policy = self._gathered({k: v for k, v in self.policy.transformer.state_dict().items()
+                                 if is_adapter_key(k) or not self.adapted})
+        if isinstance(self.rollout, RolloutAdapter):
+            rollout = self._gathered({k.removeprefix("transformer."): v for k, v in self.rollout.state().items()})
+        else:
+            rollout = self._gathered(self.rollout.transformer.state_dict())
+        opt_state = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = self._gathered(
+            {f"{pid}.{name}": torch.as_tensor(val) for pid, st in opt_state["state"].items() for name, val in st.items()})
+        if g.rank != 0:
+            return Path(directory) / "policy.safetensors"
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"step": str(self.step), "version": str(self.version),
                 "scheduler_epoch": str(self.scheduler.last_epoch),
                 "settings": settings_json(self.settings),
-                # replicated (DDP) state: any number of ranks resumes from it
-                "learner_group": json.dumps({"world_size": self.group.world_size, "sharding": "ddp"})}
-        save_velocity(self.policy, d / "policy.safetensors", metadata=meta, adapter_only=self.adapted)
+                # unsharded files (an FSDP group's are gathered): any number of ranks resumes from them
+                "learner_group": json.dumps({"world_size": g.world_size, "sharding": g.sharding})}
+        save_velocity(self.policy, d / "policy.safetensors", metadata=meta, adapter_only=self.adapted, state=policy)
         if isinstance(self.rollout, RolloutAdapter):  # π_old's adapter, in the layout of the policy's
-            rollout = {k.removeprefix("transformer."): v.cpu().contiguous() for k, v in self.rollout.state().items()}
             save_tensors(d / "rollout.safetensors", rollout, {
                 "transformer_config": json.dumps(dict(self.policy.transformer.config)),
                 "lora": json.dumps(lora_settings(self.policy)), "adapter_only": "1", **meta})
         else:
-            save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta)
-        opt_state = self.optimizer.state_dict()
-        tensors: dict[str, torch.Tensor] = {}
-        for pid, st in opt_state["state"].items():
-            for name, val in st.items():
-                tensors[f"{pid}.{name}"] = torch.as_tensor(val).cpu().contiguous()
+            save_velocity(self.rollout, d / "rollout.safetensors", metadata=meta, state=rollout)
         tensors[self._GENERATOR_KEY] = self.generator.get_state().contiguous()
         rule_tensors, rule_meta = self.rule.state()
         tensors.update({f"rule.{k}": v for k, v in rule_tensors.items()})
@@ -283,6 +327,16 @@ class Learner:
                       "scheduler": json.dumps(self.scheduler.state_dict()),
                       "reference_checksum": self._reference_checksum(), "rule": json.dumps(rule_meta)})
         return d / "policy.safetensors"
+
+    def _gathered(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole CPU copies of ``state``'s tensors on rank 0 (gathered from FSDP shards; every
+        rank calls this, in the same order); the other ranks keep nothing."""
+        out = {}
+        for k, v in state.items():
+            whole = full_tensor(v)
+            if self.group.rank == 0:
+                out[k] = whole.detach().cpu().contiguous()
+        return out
 
     def load(self, directory: Path | str) -> None:
         """Restore what ``save`` wrote, so that the learner continues exactly as the saved one.
@@ -325,10 +379,14 @@ class Learner:
         generator_state = flat.pop(self._GENERATOR_KEY, None)
         rule_tensors = {k[5:]: v for k, v in flat.items() if k.startswith("rule.")}
         state: dict[int, dict[str, torch.Tensor]] = {}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for key, val in flat.items():
             if key.startswith("rule."):
                 continue
             pid, name = key.split(".", 1)
+            param = params[int(pid)] if int(pid) < len(params) else None
+            if param is not None and val.shape == param.shape:  # a moment: laid out as its parameter
+                val = local_like(param, val)
             state.setdefault(int(pid), {})[name] = val
         # the transformers' weights as save_velocity wrote them, loaded in place: load_velocity
         # would build two models, drawing from the global torch RNG and costing their memory
@@ -338,12 +396,19 @@ class Learner:
 
         # the rule first: its own checks (tracker settings) may still refuse the checkpoint
         self.rule.load_state(rule_tensors, json.loads(meta.get("rule", "{}")))
+        # whole tensors laid out as this learner's own (its shards, in an FSDP group)
+        own = self.policy.transformer.state_dict()
+        policy_state = {k: local_like(own[k], v) if k in own else v for k, v in policy_state.items()}
         if isinstance(self.rollout, RolloutAdapter):  # the files hold adapters; the base is this learner's own
             load_adapter(self.policy, policy_state, f"checkpoint {d}")
-            self.rollout.load({f"transformer.{k}": v for k, v in rollout_state.items()})
+            mine = self.rollout.state()
+            self.rollout.load({f"transformer.{k}": local_like(mine[f"transformer.{k}"], v)
+                               if f"transformer.{k}" in mine else v for k, v in rollout_state.items()})
         else:
             self.policy.transformer.load_state_dict(policy_state)
-            self.rollout.transformer.load_state_dict(rollout_state)
+            own = self.rollout.transformer.state_dict()
+            self.rollout.transformer.load_state_dict({k: local_like(own[k], v) if k in own else v
+                                                      for k, v in rollout_state.items()})
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         self.step = int(meta["step"])
         self.version = int(meta["version"])

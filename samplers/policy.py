@@ -73,14 +73,17 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_velocity(model: SD3Velocity, path: Path | str, metadata: dict[str, str] | None = None,
-                  adapter_only: bool = False) -> None:
+                  adapter_only: bool = False, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the transformer's weights and config to one safetensors file (config in metadata);
-    ``adapter_only``: only the LoRA adapter's tensors (the base stays where it came from)."""
+    ``adapter_only``: only the LoRA adapter's tensors (the base stays where it came from);
+    ``state``: the transformer's tensors to write instead of the model's own (e.g. gathered from
+    the shards of an FSDP learner group)."""
     meta = {"transformer_config": json.dumps(dict(model.transformer.config)), **(metadata or {})}
     if is_adapted(model):
         meta["lora"] = json.dumps(lora_settings(model))
     # a rollout adapter (``RolloutAdapter``) is the learner's π_old, never part of the policy's file
-    state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()
+    state = {k: v.detach().cpu().contiguous() for k, v in (model.transformer.state_dict() if state is None
+                                                            else state).items()
              if is_adapter_key(k) or not (adapter_only or _is_lora_key(k))}
     if adapter_only:
         meta["adapter_only"] = "1"

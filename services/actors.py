@@ -160,7 +160,8 @@ class LearnerWorker:
         """Form the learner group with the other ranks (all call this at once), then build the learner."""
         n = self.cfg.resources.num_learners
         backend = "nccl" if self.cfg.resources.learner_gpus >= 1 else "gloo"
-        self.learner = build_learner(self.cfg, LearnerGroup.join(address, port, self.rank, n, timeout_s, backend))
+        group = LearnerGroup.join(address, port, self.rank, n, timeout_s, backend, self.cfg.learner.sharding)
+        self.learner = build_learner(self.cfg, group)
 
     def update(self, scored: dict[str, np.ndarray], prompts: list[str] | None, skip: int,
                *parts: Trajectory) -> dict[str, Any]:
@@ -188,10 +189,15 @@ class LearnerWorker:
         return stats
 
     @ray.method(num_returns=2)
-    def publish(self, current: bool = False) -> tuple[WirePayload, tuple[int, str, int]]:
-        """The payload (for samplers) and its (version, checksum, bytes) (for the driver)."""
+    def publish(self, current: bool = False) -> tuple[WirePayload | None, tuple[int, str, int]]:
+        """The payload (for samplers) and its (version, checksum, bytes) (for the driver). In an
+        FSDP group every rank calls it (the weights are gathered from their shards); only rank 0's
+        payload is used, the others return none."""
+        assert self.learner is not None
         with self.metrics.work("fmrl_learner_publish_seconds", backend="object_store"):
             p = self.learner.publish(current)
+            if self.rank != 0:
+                return None, (p.version, p.checksum, 0)
             wire = WirePayload.from_state(p.version, p.state, p.checksum)
         return wire, (p.version, p.checksum, wire.nbytes)
 

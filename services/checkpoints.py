@@ -29,7 +29,8 @@ LEARNER_FILES = ("policy.safetensors", "rollout.safetensors", "optimizer.safeten
 # is refused rather than recorded in config.yaml and silently ignored. learner.lr is applied
 # from the checkpoint's step on (Learner.load rebases the schedule).
 RESUME_KEYS = ("run.iterations", "run.checkpoint_every", "run.keep_checkpoints", "run.progress", "run.loggers",
-               "learner.lr", "pipeline.weight_sync", "pipeline.sync_timeout_s", "pipeline.dist_backend")
+               "learner.lr", "learner.sharding", "learner.gradient_checkpointing", "pipeline.weight_sync",
+               "pipeline.sync_timeout_s", "pipeline.dist_backend")
 RESUME_SECTIONS = ("metrics.", "resources.")
 RESUME_FIXED = ("resources.num_samplers", "resources.torch_threads")  # change the batch's float arithmetic
 

@@ -297,10 +297,12 @@ class LearnerConfig(_Strict):
     rollout_refresh_every: Int = Field(1, ge=1, description="H: a new published version of π_old every H steps.")
     rollout_update: Literal["copy", "ema"] = Field("copy", description="π_old ← π_θ at each refresh, or an EMA of π_θ every step.")
     rollout_ema_decay: Float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema'.")
-    sharding: Literal["ddp"] = Field("ddp", description="How resources.num_learners > 1 learners share the "
-                                     "work: ddp replicates the policy on every rank, splits each batch's rows "
-                                     "between them and averages gradients with torch's DistributedDataParallel "
-                                     "(FSDP sharding is not built yet).")
+    sharding: Literal["ddp", "fsdp"] = Field("ddp", description="How resources.num_learners > 1 learners hold "
+                                             "the policy; either way each rank trains on its share of every batch's "
+                                             "rows. ddp: replicated on every rank, gradients averaged by torch's "
+                                             "DistributedDataParallel; fsdp: sharded over the ranks by FSDP2 "
+                                             "(fully_shard per transformer block: weights, gradients and AdamW state "
+                                             "1/N per rank), for full fine-tunes larger than one GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute the transformer's block activations in "
                                          "the backward pass (diffusers' own switch): less memory, ~30 % more "
                                          "compute per learner step.")
@@ -615,6 +617,9 @@ class TrainConfig(_Strict):
     def _learner_group(self) -> TrainConfig:
         n = self.resources.num_learners
         if n == 1:
+            if self.learner.sharding == "fsdp":
+                raise ValueError("learner.sharding fsdp shards the policy over a learner group: set "
+                                 "resources.num_learners to 2 or more (one learner holds it whole)")
             return self
         rollouts = self.rollout.batch_prompts * self.rollout.samples_per_prompt
         if n > rollouts:

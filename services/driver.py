@@ -38,7 +38,7 @@ import ray
 from learner.group import split_rows
 from reward_workers.digits import HeldoutSVM
 from samplers.sampler import WeightsMismatch
-from services.actors import Actors, start_actors
+from services.actors import Actors, PlacementError, start_actors
 from services.checkpoints import (
     CHECKPOINTS,
     Resume,
@@ -154,6 +154,14 @@ class Pipeline:
                 timeout=t + 30)
         self.regroup = False
 
+    def publish(self, current: bool) -> tuple[Any, Any]:
+        """Rank 0's publish refs (payload, (version, checksum, bytes)); an FSDP group's other ranks
+        take part (their shards are gathered), their returns unused."""
+        if self.cfg.learner.sharding == "fsdp":
+            for learner in self.a.learners[1:]:
+                learner.publish.remote(current)
+        return self.a.learner.publish.remote(current)
+
     def sync(self, current: bool = False, wait: bool = True, busy: list[Any] | None = None) -> None:
         """Publish the learner's weights (π_old, or π_θ when ``current``) to every sampler.
         ``wait``: block until every sampler applied and verified them; otherwise the
@@ -178,7 +186,7 @@ class Pipeline:
                 self.totals["broadcast_failures"] += 1
                 self.regroup, refs = True, {}
         if not refs:
-            self.payload, want = self.a.learner.publish.remote(current)
+            self.payload, want = self.publish(current)
             refs = {i: s.apply_weights.remote(self.payload) for i, s in enumerate(self.a.samplers)}
             version, self.checksum, nbytes = ray.get(want)
         self.published.append(version)
@@ -219,7 +227,7 @@ class Pipeline:
         """Give sampler i the newest weights through the object store (after a restart its
         policy is the initial checkpoint; the broadcast group is formed again at the next sync)."""
         if self.payload is None:
-            self.payload, _ = self.a.learner.publish.remote(self.current)  # (version, checksum, bytes) unused
+            self.payload, _ = self.publish(self.current)  # (version, checksum, bytes) unused
         self.pending = [x for x in self.pending if x[0] != i]
         self.applied[i], _ = self._retry(lambda: self.a.samplers[i].apply_weights.remote(self.payload))
         self.totals["resyncs"] += 1
@@ -227,14 +235,33 @@ class Pipeline:
 
     def _retry(self, submit: Any, patience_s: float = 120.0) -> Any:
         """ray.get(submit()), submitted again while the actor restarts: an actor that is
-        restarting (ActorUnavailableError) is waited for with back-off up to ``patience_s``;
-        one that died (ActorDiedError) is tried max_restarts more times."""
+        restarting (ActorUnavailableError) is waited for with back-off up to ``patience_s``
+        from when its bundle has a node (one lost with its node is placed again when a node with
+        its resources joins; none within resources.placement_timeout_s is a PlacementError
+        naming them); one that died (ActorDiedError) is tried max_restarts more times."""
         deaths, wait, end = 0, 0.05, time.monotonic() + patience_s
+        unplaced_since: float | None = None
         while True:
             try:
                 return ray.get(submit())
             except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > end:
+                now, unplaced = time.monotonic(), []
+                if self.a.group is not None:
+                    table = ray.util.placement_group_table(self.a.group)
+                    if table["state"] != "CREATED":  # RESCHEDULING: bundles lost with their node
+                        unplaced = [table["bundles"][k] for k, node in table["bundles_to_node_id"].items()
+                                    if not node]
+                if unplaced:
+                    unplaced_since = now if unplaced_since is None else unplaced_since
+                    timeout = self.cfg.resources.placement_timeout_s
+                    if now - unplaced_since > timeout:
+                        raise PlacementError(
+                            f"the run's actors lost their node and the cluster could not place their bundles "
+                            f"again within {timeout:g} s (resources.placement_timeout_s): unplaced "
+                            f"{'; '.join(map(str, unplaced))}; the cluster has {ray.cluster_resources()} — add "
+                            "a node with these resources") from None
+                    end = now + patience_s  # the restart's patience runs from its placement
+                elif now > end:
                     raise
                 time.sleep(wait)
                 wait = min(2.0, wait * 2)
@@ -492,8 +519,11 @@ def save_checkpoint(pipe: Pipeline, run_dir: Path, next_it: int, elapsed: float,
     state = {"iteration": next_it, "version": pipe.version, "elapsed_s": elapsed, "totals": pipe.totals}
     if cursor is not None:
         state["prompts"] = cursor
-    return write_checkpoint(run_dir, next_it, state, lambda d: ray.get(pipe.a.learner.save.remote(str(d.resolve()))),
-                            keep)
+    def save(d: Path) -> None:  # rank 0 writes; an FSDP group's other ranks send it their shards
+        ranks = pipe.a.learners if pipe.cfg.learner.sharding == "fsdp" else pipe.a.learners[:1]
+        ray.get([learner.save.remote(str(d.resolve())) for learner in ranks])
+
+    return write_checkpoint(run_dir, next_it, state, save, keep)
 
 
 class Checkpoints:

@@ -1,6 +1,7 @@
 """N data-parallel learners train as one: two gloo ranks (real processes, torch's DDP) against the
 single learner, for all five objectives, with and without LoRA, on batches whose rows split
-unevenly (5 + 4) with a micro-batch size that divides neither shard.
+unevenly (5 + 4) with a micro-batch size that divides neither shard, with the policy replicated
+(DDP) or sharded (FSDP2); an FSDP group's checkpoint resumes bit for bit and loads in one learner.
 
 One spawn of two ranks runs every case (imports dominate the cost); the single learner runs here.
 Measured on this machine (2-core CPU): the largest relative difference of a parameter update
@@ -34,6 +35,7 @@ from tests.helpers import table_encode, tiny_velocity
 WORLD = 2
 OBJECTIVES = ["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft", "flow_grpo"]
 CASES = [(o, lora) for o in OBJECTIVES for lora in (False, True)]
+RESUMED = [("ac_flow", True), ("diffusion_nft", False)]  # FSDP checkpoints: a LoRA and a full policy
 PROMPTS = ["a handwritten one", "a handwritten two", "a handwritten three"]
 TRACKER = TrackerParams(buffer_size=8, min_count=4)  # per-prompt statistics from the second batch on
 TOL = 1e-4  # float32 reduction order: measured ~1e-6 (see the module docstring)
@@ -66,19 +68,32 @@ def _batches() -> list[tuple]:
             for i in range(3)]
 
 
-def _train(objective: str, lora: bool, group: LearnerGroup) -> dict:
-    """Three updates; the trainable weights' changes, π_old, the critic and the statistics."""
+def _learner(objective: str, lora: bool, group: LearnerGroup) -> Learner:
     torch.manual_seed(0)
-    ln = Learner(_policy(lora), table_encode, _settings(objective), group)
-    start = {k: v.detach().clone() for k, v in ln.policy.named_parameters() if v.requires_grad}
+    return Learner(_policy(lora), table_encode, _settings(objective), group)
+
+
+def _train(objective: str, lora: bool, group: LearnerGroup, resume_at: int | None = None,
+           path: str | None = None) -> dict:
+    """Three updates; the trainable weights' changes, π_old's, the critic and the statistics.
+    ``resume_at``: save after that many updates to ``path``, and continue in a new learner that
+    loads the checkpoint."""
+    ln = _learner(objective, lora, group)
+    start = ln.publish(current=True).state
     published = ln.publish().state
-    stats = []
-    for traj, rewards in _batches():
+    stats, out = [], {}
+    for i, (traj, rewards) in enumerate(_batches()):
+        if i == resume_at:
+            ln.save(path)
+            out["saved"] = ln.publish(current=True).state  # what the checkpoint holds, whole
+            group.barrier()  # rank 0 wrote the files
+            ln = _learner(objective, lora, group)
+            ln.load(path)
         rows = group.rows(traj.size)
         mine = traj.rows(rows.lo, rows.hi) if group.distributed else traj
         stats.append(ln.update(mine, rewards, traj.prompt_list()))
-    out = {"delta": {k: v.detach() - start[k] for k, v in ln.policy.named_parameters() if v.requires_grad},
-           "rollout": {k: v - published[k] for k, v in ln.publish().state.items()}, "stats": stats}
+    out.update({"delta": {k: v - start[k] for k, v in ln.publish(current=True).state.items()},
+                "rollout": {k: v - published[k] for k, v in ln.publish().state.items()}, "stats": stats})
     if objective == "ac_flow":
         out["critic"] = {k: v.detach().clone() for k, v in ln.rule.critic.state_dict().items()}
     return out
@@ -105,29 +120,38 @@ def _refusals(group: LearnerGroup) -> list[str]:
 def _rank(rank: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
     group = LearnerGroup.join("127.0.0.1", port, rank, WORLD, timeout_s=120)
-    out = {f"{o}/{lora}": _train(o, lora, group) for o, lora in CASES}
+    fsdp = LearnerGroup(rank, WORLD, sharding="fsdp")  # the same process group, the policy sharded
+    out = {f"{o}/{lora}/{g.sharding}": _train(o, lora, g) for o, lora in CASES for g in (group, fsdp)}
+    for o, lora in RESUMED:
+        out[f"{o}/{lora}/fsdp/resumed"] = _train(o, lora, fsdp, resume_at=2, path=f"{path}.ck-{o}-{lora}")
     out["refusals"] = _refusals(group)
     torch.save(out, f"{path}.{rank}")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def spawned(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("group") / "out")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_rank, args=(port, path), nprocs=WORLD, join=True)
-    return [torch.load(f"{path}.{r}") for r in range(WORLD)]
+    return path
+
+
+@pytest.fixture(scope="module")
+def ranks(spawned) -> list[dict]:
+    return [torch.load(f"{spawned}.{r}") for r in range(WORLD)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 @pytest.mark.parametrize(("objective", "lora"), CASES)
-def test_two_learners_train_as_one(ranks, objective, lora):
+def test_two_learners_train_as_one(ranks, objective, lora, sharding):
     one = _train(objective, lora, LearnerGroup())
-    r0, r1 = (r[f"{objective}/{lora}"] for r in ranks)
+    r0, r1 = (r[f"{objective}/{lora}/{sharding}"] for r in ranks)
     worst = 0.0
     # the test would prove nothing if nothing trained (a few tensors get no gradient: the last
     # block's text branch, whose output SD3 drops)
@@ -146,13 +170,32 @@ def test_two_learners_train_as_one(ranks, objective, lora):
     for name, w in one.get("critic", {}).items():
         assert torch.equal(r0["critic"][name], r1["critic"][name]), name
         torch.testing.assert_close(r0["critic"][name], w, rtol=TOL, atol=1e-6, msg=name)
-    print(f"{objective} lora={lora}: max relative update difference {worst:.2e}")
+    print(f"{objective} lora={lora} {sharding}: max relative update difference {worst:.2e}")
     assert worst <= TOL
     for s1, s0, s_other in zip(one["stats"], r0["stats"], r1["stats"], strict=True):
         assert s0 == s_other  # the whole batch's statistics, on every rank
         assert set(s0) == set(s1)
         for k, v in s1.items():
             assert s0[k] == pytest.approx(v, rel=TOL, abs=1e-6), k
+
+
+@pytest.mark.parametrize(("objective", "lora"), RESUMED)
+def test_an_fsdp_group_resumes_exactly_and_its_checkpoint_loads_anywhere(ranks, spawned, objective, lora):
+    plain = ranks[0][f"{objective}/{lora}/fsdp"]
+    for r in ranks:  # saved after 2 updates, loaded by a fresh group, the third update: bit for bit
+        resumed = r[f"{objective}/{lora}/fsdp/resumed"]
+        for name, d in plain["delta"].items():
+            assert torch.equal(resumed["delta"][name], d), name
+        for name, d in plain["rollout"].items():
+            assert torch.equal(resumed["rollout"][name], d), name
+        assert resumed["stats"] == plain["stats"]
+    # the files are whole tensors (gathered from the shards): a single learner loads them
+    one = _learner(objective, lora, LearnerGroup())
+    one.load(f"{spawned}.ck-{objective}-{lora}")
+    saved = ranks[0][f"{objective}/{lora}/fsdp/resumed"]["saved"]
+    loaded = one.publish(current=True).state
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert one.step == 2
 
 
 def test_rows_split_evenly_and_refuse_empty_ranks():

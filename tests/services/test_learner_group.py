@@ -1,10 +1,11 @@
-"""A learner group through real Ray actors: two learner ranks (gloo, DDP) train a run as one
-learner does, resume from their checkpoint, and bad group settings are refused before anything
+"""A learner group through real Ray actors: two learner ranks (gloo; DDP, then FSDP2 after a
+resume) train a run as one learner does, and bad group settings are refused before anything
 starts."""
 
 import json
 
 import pytest
+import ray
 
 from services.config import ConfigError, load_config
 from services.driver import train
@@ -36,8 +37,9 @@ def test_two_learner_ranks_train_and_resume_as_one_learner(cluster, tmp_path, sm
     two = train(short_config(tmp_path, small_policy, name="two", iterations=1, **algo,
                              **{"resources.num_learners": 2, "learner.micro_batch_size": 5}))
     assert two["before"] == one["before"]
-    # the N = 2 run continues from its checkpoint, still with two ranks, to the second iteration
-    resumed = load_config(tmp_path / "two" / "config.yaml", ["run.iterations=2"])
+    # the N = 2 run continues from its (unsharded) checkpoint to the second iteration, its two
+    # ranks now sharding the policy with FSDP2
+    resumed = load_config(tmp_path / "two" / "config.yaml", ["run.iterations=2", "learner.sharding=fsdp"])
     train(resumed, resume=tmp_path / "two")
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert [r["iteration"] for r in b] == [0, 1]
@@ -55,8 +57,28 @@ def test_two_learner_ranks_train_and_resume_as_one_learner(cluster, tmp_path, sm
     (["resources.num_learners=2", "pipeline.weight_sync=torch_distributed"],
      "pipeline.weight_sync torch_distributed is not built for a learner group yet"),
     (["resources.num_learners=2", "resources.learner_gpus=0.5"], "needs one whole GPU per learner"),
+    (["learner.sharding=fsdp"], "learner.sharding fsdp shards the policy over a learner group: set "
+                                "resources.num_learners to 2 or more"),
 ])
 def test_bad_learner_group_settings_are_one_line_errors(tmp_path, small_policy, sets, message):
     with pytest.raises(ConfigError, match=message) as err:
         short_config(tmp_path, small_policy, **dict(s.split("=", 1) for s in sets))
     assert "\n" not in str(err.value)
+
+
+def test_a_lost_learner_rank_stops_the_run_naming_it_and_the_last_checkpoint(cluster, tmp_path, small_policy):
+    from services.checkpoints import latest_checkpoint
+    from services.driver import LearnerLost
+    from tests.services.test_runtime import _in_thread, _wait_for
+
+    cfg = short_config(tmp_path, small_policy, name="lost", iterations=6,
+                       **{"resources.num_learners": 2, "run.checkpoint_every": 1, "pipeline.sync_timeout_s": 60})
+    thread, box = _in_thread(lambda: train(cfg))
+    _wait_for(tmp_path / "lost" / "checkpoints" / "latest", thread)
+    ray.kill(ray.get_actor("fmrl-lost-learner-1"))  # rank 1; its peer would wait in a collective
+    thread.join(120)
+    assert not thread.is_alive(), "the run did not stop when a learner rank died"
+    err = box.get("error")
+    assert isinstance(err, LearnerLost), err
+    assert "learner rank 1 died" in str(err) and f"--resume {tmp_path / 'lost'}" in str(err)
+    assert str(latest_checkpoint(tmp_path / "lost")) in str(err)
