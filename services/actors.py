@@ -258,7 +258,7 @@ def reserve(cfg: TrainConfig, name: str) -> tuple[PlacementGroup | None, list[di
                *[_bundle(r.learner_cpus, r.learner_gpus, r.learner_resources)] * (r.num_learners - 1)]
     roles = (["learner", "reward"] + [f"sampler {i}" for i in range(r.num_samplers)]
              + [f"learner {i}" for i in range(1, r.num_learners)])
-    check_gpus(cfg)
+    check_fits(cfg)
     if r.placement == "none":
         return None, bundles
     pg = placement_group(bundles, strategy=r.placement.upper(), name=name)
@@ -273,22 +273,25 @@ def reserve(cfg: TrainConfig, name: str) -> tuple[PlacementGroup | None, list[di
     return pg, bundles
 
 
-def check_gpus(cfg: TrainConfig) -> None:
-    """On a cluster this run started (nothing else can join it), refuse GPUs it does not have,
-    naming the keys, before any actor starts; a joined cluster may still grow (an autoscaler),
-    so there the placement timeout decides."""
+def check_fits(cfg: TrainConfig) -> None:
+    """On a cluster this run started (nothing else can join it), refuse CPUs or GPUs it does not
+    have, naming the keys, before any actor starts; a joined cluster may still grow (an
+    autoscaler), so there the placement timeout decides."""
     from services.cluster import embedded
 
-    r = cfg.resources
     if not embedded():
         return
-    asked = r.num_learners * r.learner_gpus + r.num_samplers * r.sampler_gpus + r.reward_gpus
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if asked > have:
-        raise PlacementError(f"the run asks for {asked:g} GPUs (resources.num_learners={r.num_learners} × "
-                             f"learner_gpus={r.learner_gpus:g}, num_samplers={r.num_samplers} × sampler_gpus="
-                             f"{r.sampler_gpus:g}, reward_gpus={r.reward_gpus:g}); this machine's cluster has "
-                             f"{have:g}")
+    r = cfg.resources
+    have = ray.cluster_resources()
+    for kind, per in (("CPU", "cpus"), ("GPU", "gpus")):
+        learner, sampler, reward = (getattr(r, f"{role}_{per}") for role in ("learner", "sampler", "reward"))
+        asked = r.num_learners * learner + r.num_samplers * sampler + reward
+        if asked > have.get(kind, 0.0) + 1e-9:
+            raise PlacementError(
+                f"the run asks for {asked:g} {kind}s (resources.num_learners={r.num_learners} × learner_{per}="
+                f"{learner:g}, num_samplers={r.num_samplers} × sampler_{per}={sampler:g}, reward_{per}={reward:g}); "
+                f"this machine's cluster has {have.get(kind, 0.0):g}"
+                + (" (resources.ray_num_cpus)" if kind == "CPU" else ""))
 
 
 def start_actors(cfg: TrainConfig, name: str = "fmrl") -> Actors:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import subprocess
@@ -60,8 +61,19 @@ def ensure_ray(cfg: TrainConfig) -> bool:
         env = {"env_vars": {k: v for k, v in actor_env().items() if k not in taken}}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, logging_level=logging.WARNING)
         return False
-    start_embedded(cfg.resources.ray_num_cpus)
+    start_embedded(embedded_cpus(cfg))
     return True
+
+
+def embedded_cpus(cfg: TrainConfig) -> int:
+    """The CPUs an embedded cluster advertises: resources.ray_num_cpus when set, else this machine's
+    cores, or as many as the run's actors declare when that is more (Ray's CPUs are logical: on a
+    laptop the actors share the cores either way, and a learner group's extra ranks still fit)."""
+    r = cfg.resources
+    if r.ray_num_cpus is not None:
+        return r.ray_num_cpus
+    declared = r.num_learners * r.learner_cpus + r.num_samplers * r.sampler_cpus + r.reward_cpus
+    return max(os.cpu_count() or 1, math.ceil(declared))
 
 
 def embedded() -> bool:

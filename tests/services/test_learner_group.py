@@ -20,15 +20,20 @@ def _rows(run) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-def test_learner_gpus_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_path, small_policy):
+@pytest.mark.parametrize(("sets", "message"), [
+    ({"resources.learner_gpus": 1}, r"asks for 2 GPUs \(resources.num_learners=2 × learner_gpus=1, num_samplers=2"),
+    ({"resources.ray_num_cpus": 1}, r"asks for 1.25 CPUs \(resources.num_learners=2 × learner_cpus=0.25, .* "
+                                    r"has 1 \(resources.ray_num_cpus\)"),
+])
+def test_resources_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_path, small_policy, sets, message):
     # first in this module: before the shared cluster starts, so train() starts an embedded one
-    cfg = short_config(tmp_path, small_policy, name="gpus", **{"resources.num_learners": 2,
-                                                               "resources.learner_gpus": 1})
+    cfg = short_config(tmp_path, small_policy, name="lacks", **{"resources.num_learners": 2, **sets})
     from services.actors import PlacementError
 
-    with pytest.raises(PlacementError, match=r"asks for 2 GPUs \(resources.num_learners=2 × learner_gpus=1"):
+    with pytest.raises(PlacementError, match=message) as err:
         train(cfg)
-    assert not (tmp_path / "gpus").exists()
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "lacks").exists()
 
 
 def test_two_learner_ranks_train_and_resume_as_one_learner(cluster, tmp_path, small_policy):
