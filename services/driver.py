@@ -249,17 +249,17 @@ class Pipeline:
                 if self.a.group is not None:
                     table = ray.util.placement_group_table(self.a.group)
                     if table["state"] != "CREATED":  # RESCHEDULING: bundles lost with their node
-                        unplaced = [table["bundles"][k] for k, node in table["bundles_to_node_id"].items()
-                                    if not node]
+                        unplaced = [f"bundle {k} {table['bundles'][k]}"
+                                    for k, node in table["bundles_to_node_id"].items() if not node]
                 if unplaced:
                     unplaced_since = now if unplaced_since is None else unplaced_since
                     timeout = self.cfg.resources.placement_timeout_s
                     if now - unplaced_since > timeout:
+                        have = {k: v for k, v in ray.cluster_resources().items() if "_group_" not in k}
                         raise PlacementError(
-                            f"the run's actors lost their node and the cluster could not place their bundles "
-                            f"again within {timeout:g} s (resources.placement_timeout_s): unplaced "
-                            f"{'; '.join(map(str, unplaced))}; the cluster has {ray.cluster_resources()} — add "
-                            "a node with these resources") from None
+                            f"actors of the run lost their node and the cluster could not place their bundles "
+                            f"again within {timeout:g} s (resources.placement_timeout_s): {'; '.join(unplaced)}; "
+                            f"the cluster has {have} — add a node with these resources") from None
                     end = now + patience_s  # the restart's patience runs from its placement
                 elif now > end:
                     raise

@@ -1,5 +1,10 @@
 """Shared by the training tests: a one-block digits-shaped policy, a Ray cluster, a short config."""
 
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import ray
 import torch
@@ -33,3 +38,48 @@ def short_config(out_dir, policy, name="t", iterations=4, **extra) -> TrainConfi
             "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25", "resources.reward_cpus=0.25",
             "metrics.port=0"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
+
+
+@dataclass
+class TrainedRun:
+    """A finished run trained once for the session (``trained_uri_run``); read it, never change it."""
+
+    policy: Path  # the policy it started from: a resume of it names the same
+    location: str  # file://<root>/remote/u
+    remote: Path  # the directory at that URI: the whole run, as uploaded
+    stage: Path  # FMRL_STAGING_DIR while it trained
+    summary: dict  # what train() returned
+
+    def copy_to(self, dest: Path) -> Path:
+        """A copy of the run at ``dest``, for a test to change and resume."""
+        shutil.copytree(self.remote, dest, symlinks=True)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def trained_uri_run(tmp_path_factory) -> Callable[[], TrainedRun]:
+    """``trained_uri_run()``: a 3-iteration run of a one-block policy (``short_config``,
+    checkpoints every 2: iter-0000002 and the final iter-0000003) trained at a file:// URI on
+    the first call of the session, in the Ray cluster of the calling test (``cluster``). The
+    tests that resume a finished run share it instead of each training its own: each copies it
+    (``copy_to``) before changing anything."""
+    made: list[TrainedRun] = []
+
+    def get() -> TrainedRun:
+        if not made:
+            from services.driver import train
+
+            assert ray.is_initialized(), "trained_uri_run() trains in the calling test's `cluster`"
+            root = tmp_path_factory.mktemp("trained-run")  # a new one if an earlier try failed
+            policy = root / "p.safetensors"
+            with torch.random.fork_rng():  # as small_policy makes it, the caller's RNG untouched
+                torch.manual_seed(0)
+                save_velocity(build_sd3_velocity(dict(DIGITS_TRANSFORMER_CONFIG, num_layers=1)), policy)
+            cfg = short_config(f"file://{root}/remote", policy, "u", iterations=3, **{"run.checkpoint_every": 2})
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("FMRL_STAGING_DIR", str(root / "stage"))
+                summary = train(cfg)
+            made.append(TrainedRun(policy, f"file://{root}/remote/u", root / "remote" / "u", root / "stage", summary))
+        return made[0]
+
+    return get

@@ -259,12 +259,13 @@ def test_a_run_that_fails_before_its_first_iteration_leaves_no_directory(cluster
 
 
 def test_resume_applies_allowed_overrides_after_a_torn_tail_and_refuses_a_corrupt_checkpoint(
-        cluster, tmp_path, small_policy, capsys):
-    cfg = short_config(tmp_path, small_policy, name="r", iterations=4, **{"run.checkpoint_every": 2})
-    train(cfg)
-    run = tmp_path / "r"
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(run, corrupt)
+        cluster, tmp_path, trained_uri_run, capsys):
+    # a finished 3-iteration run (checkpoints every 2, the last at 3), trained once for the
+    # session: this test resumes copies of it, in place, as local run directories
+    shared = trained_uri_run()
+    run = shared.copy_to(tmp_path / "u")
+    corrupt = shared.copy_to(tmp_path / "corrupt")
+    assert latest_checkpoint(run).name == "iter-0000003"
     capsys.readouterr()
 
     # a bit flip in the learner's checkpoint is found in the learner actor, named in one line
@@ -276,7 +277,7 @@ def test_resume_applies_allowed_overrides_after_a_torn_tail_and_refuses_a_corrup
 
     # a crash mid-write left a partial metrics line; the run continues with a new lr
     with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"kind": "train", "iteration": 4, "lo')
+        f.write('{"kind": "train", "iteration": 3, "lo')
     assert main(["train", "--resume", str(run), "--set", "run.iterations=6", "--set", "learner.lr=5e-4"]) == 0
     assert "dropped its partial last line" in capsys.readouterr().out
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -285,7 +286,7 @@ def test_resume_applies_allowed_overrides_after_a_torn_tail_and_refuses_a_corrup
     assert [r["kind"] + r.get("when", "") for r in rows].count("evalafter") == 1
     # AC-Flow's actor is frozen through its 20-step critic warm-up, so the schedule has not
     # stepped: lr = base · min(1, (0 + 1)/10) of the 10-step LambdaLR warm-up, base 1e-3 then 5e-4
-    assert [r["lr"] for r in train_rows] == pytest.approx([1e-4] * 4 + [5e-5] * 2)
+    assert [r["lr"] for r in train_rows] == pytest.approx([1e-4] * 3 + [5e-5] * 3)
     assert "lr: 0.0005" in (run / "config.yaml").read_text()
     assert latest_checkpoint(run).name == "iter-0000006"
     assert ray.is_initialized()

@@ -5,6 +5,12 @@ RAY_TMPDIR, so neither this process's Ray state nor the machine's /tmp/ray is to
 probe and each head carries MARKER=<that temp dir> in its environment, inherited by every
 process of its cluster: teardown finds and stops exactly those, and the fate-sharing tests
 use it to see what is left.
+
+A cluster takes seconds to start on a small machine, so the tests that only look at one share
+it (module fixtures): the held embedded cluster the loopback test inspects is the one the
+SIGKILL test then kills, and the live head the RAY_ADDRESS test joins is the one the stale-file
+test then kills. A test that ends a shared cluster takes it; whichever test comes next (any
+order, any selection) gets a fresh one.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import free_port, terminate
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_CLI = Path(sys.executable).parent / "ray"
@@ -39,12 +46,14 @@ START_S = 120  # generous: a cluster starts in seconds, a stale address hangs ra
 
 # ensure_ray as `fmrl train` calls it, then two actors; prints one JSON line describing the
 # cluster and every process of it (the driver and its descendants), then exits (report) or
-# waits to be killed (hold).
+# waits to be killed (hold). Imported from services.cluster, not through services.driver (the
+# same function, test_the_probe_runs_the_ensure_ray_of_fmrl_train): the driver's torch import
+# would add seconds to every probe and nothing to the cluster.
 PROBE = r"""
 import json, os, sys, time
 import psutil, ray
 from services.config import load_config
-from services.driver import ensure_ray
+from services.cluster import ensure_ray
 
 started = ensure_ray(load_config(None, []))  # the defaults, as `fmrl train`
 
@@ -56,11 +65,16 @@ class Echo:
 actors = [Echo.remote() for _ in range(2)]
 ray.get([a.pid.remote() for a in actors])
 me = psutil.Process()
-procs = [me, *me.children(recursive=True)]
+rows = []
+for p in [me, *me.children(recursive=True)]:
+    try:
+        rows.append([p.pid, p.create_time(), " ".join(p.cmdline())[:120]])
+    except psutil.Error:  # exited since it was listed: nothing of it is left to look at
+        pass
 print(json.dumps({
     "started": started, "gcs": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes()),
     "jobs": len(ray._private.state.jobs()),  # every driver that ever connected to this GCS
-    "procs": [[p.pid, p.create_time(), " ".join(p.cmdline())[:120]] for p in procs]}), flush=True)
+    "procs": rows}), flush=True)
 if sys.argv[1] == "hold":
     time.sleep(3600)
 ray.shutdown()
@@ -83,6 +97,15 @@ def _marked(temp: Path) -> list[psutil.Process]:
     return found
 
 
+def _described(procs: list[psutil.Process]) -> list[str]:
+    """"<pid> <command line>" of each of ``procs`` still there (one may end while it is read)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append(f"{p.pid} {p.cmdline()}")
+    return out
+
+
 def _alive(procs: list[list]) -> list[str]:
     """Those of the (pid, create_time, cmdline) rows a probe reported that still run."""
     left = []
@@ -103,16 +126,33 @@ def _kill_marked(temp: Path) -> None:
         psutil.wait_procs(_marked(temp), timeout=wait_s)
 
 
+def _wait_gone(find: Callable[[], list[str]], timeout_s: float) -> list[str]:
+    """Poll ``find`` until it finds nothing or ``timeout_s`` passed; returns what it last found.
+    (Not psutil.wait_procs: a zombie nobody reaps counts as running there, as it does not here.)"""
+    deadline = time.monotonic() + timeout_s
+    while (left := find()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # each look reads every process's environment
+    return left
+
+
+def _new_tmp() -> Path:
+    """A private RAY_TMPDIR (short: Ray's Unix socket paths are limited to ~107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="fmrl-ct-", dir="/tmp"))
+
+
+def _clean_tmp(temp: Path) -> None:
+    _kill_marked(temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture
 def ray_tmp() -> Iterator[Path]:
-    """A private RAY_TMPDIR (short: Ray's Unix socket paths are limited to ~107 bytes);
-    whatever of its clusters still runs at the end is stopped."""
-    temp = Path(tempfile.mkdtemp(prefix="fmrl-ct-", dir="/tmp"))
+    """A private RAY_TMPDIR; whatever of its clusters still runs at the end is stopped."""
+    temp = _new_tmp()
     try:
         yield temp
     finally:
-        _kill_marked(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        _clean_tmp(temp)
 
 
 def _env(temp: Path, **extra: str) -> dict[str, str]:
@@ -160,39 +200,126 @@ def _start_head(temp: Path) -> tuple[subprocess.Popen, str]:
     while not address_file.is_file():
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"`ray start --head` did not come up:\n{Path(log.name).read_text()[-3000:]}", pytrace=False)
-        time.sleep(0.2)
+        time.sleep(0.02)
     return proc, address_file.read_text().strip()
 
 
-def test_a_stale_cluster_file_starts_an_embedded_cluster_promptly(ray_tmp: Path) -> None:
-    # A real stale record: a head that died by SIGKILL with its whole process group.
-    head, gcs = _start_head(ray_tmp)
-    os.killpg(head.pid, signal.SIGKILL)
-    head.wait()
-    _kill_marked(ray_tmp)
-    assert (ray_tmp / "ray" / "ray_current_cluster").read_text().strip() == gcs
+@dataclass
+class _Head:
+    temp: Path  # its RAY_TMPDIR, which records it in ray/ray_current_cluster
+    proc: subprocess.Popen
+    gcs: str
+    joined: bool = False  # a driver has connected to it
+    taken: bool = False  # by a test that ends it
 
-    proc, report = _probe(ray_tmp, "report")
+
+@dataclass
+class _Held:
+    temp: Path  # its RAY_TMPDIR, of this cluster alone
+    proc: subprocess.Popen  # the probe holding it (hold mode)
+    report: dict
+
+
+@pytest.fixture(scope="module")
+def heads() -> Iterator[Callable[..., _Head]]:
+    """``heads()``: a live `ray start --head` in its own RAY_TMPDIR that no driver has joined;
+    ``heads(take=True)``: that head (or a new one) for a test that ends it. One head serves the
+    RAY_ADDRESS test and then the stale-file test. Stopped at the end of the module."""
+    made: list[_Head] = []
+
+    def get(take: bool = False) -> _Head:
+        usable = [h for h in made if not h.taken and h.proc.poll() is None and (take or not h.joined)]
+        if usable:
+            head = usable[-1]
+        else:
+            temp = _new_tmp()
+            made.append(head := _Head(temp, *_start_head_in(temp)))
+        head.taken = take
+        return head
+
+    yield get
+    for head in made:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.proc.pid, signal.SIGKILL)
+        head.proc.wait()
+        _clean_tmp(head.temp)
+
+
+def _start_head_in(temp: Path) -> tuple[subprocess.Popen, str]:
+    try:
+        return _start_head(temp)
+    except BaseException:
+        _clean_tmp(temp)
+        raise
+
+
+@pytest.fixture(scope="module")
+def held_cluster() -> Iterator[Callable[..., _Held]]:
+    """``held_cluster()``: an embedded cluster a probe holds (hold mode), in its own RAY_TMPDIR,
+    the same one for every test that only looks at it; ``held_cluster(take=True)``: that one
+    for a test that ends it, after which the next caller gets a new one. Stopped at the end of
+    the module."""
+    made: list[_Held] = []
+    current: list[_Held] = []
+
+    def get(take: bool = False) -> _Held:
+        if not current:
+            temp = _new_tmp()
+            try:
+                proc, report = _probe(temp, "hold")
+            except BaseException:
+                _clean_tmp(temp)
+                raise
+            made.append(held := _Held(temp, proc, report))
+            current.append(held)
+        held = current[0]
+        if take:
+            current.clear()
+        return held
+
+    yield get
+    for held in made:
+        if held.proc.poll() is None:
+            held.proc.kill()
+        held.proc.wait()
+        _clean_tmp(held.temp)
+
+
+def test_the_probe_runs_the_ensure_ray_of_fmrl_train() -> None:
+    from services import cluster, driver
+
+    assert driver.ensure_ray is cluster.ensure_ray
+
+
+def test_a_live_head_on_this_machine_is_not_joined_without_ray_address(heads: Callable[..., _Head]) -> None:
+    head = heads()
+    head.joined = True  # by the second probe below
+    gcs = head.gcs
+    proc, embedded = _probe(head.temp, "report")
+    _finish(proc)
+    assert embedded["started"] is True
+    assert embedded["gcs"] != gcs and embedded["nodes"] == 1 and embedded["jobs"] == 1
+
+    # RAY_ADDRESS still joins that head; and the head has seen no driver but this one.
+    proc, joined = _probe(head.temp, "report", RAY_ADDRESS=gcs, RAY_AUTH_MODE="token")  # as the README says
+    _finish(proc)
+    assert joined["started"] is False
+    assert joined["gcs"] == gcs and joined["nodes"] == 1 and joined["jobs"] == 1
+
+
+def test_a_stale_cluster_file_starts_an_embedded_cluster_promptly(heads: Callable[..., _Head]) -> None:
+    # A real stale record: a head that died by SIGKILL with its whole process group.
+    head = heads(take=True)
+    temp, gcs = head.temp, head.gcs
+    os.killpg(head.proc.pid, signal.SIGKILL)
+    head.proc.wait()
+    _kill_marked(temp)
+    assert (temp / "ray" / "ray_current_cluster").read_text().strip() == gcs
+
+    proc, report = _probe(temp, "report")
     _finish(proc)
     assert report["started"] is True
     assert report["gcs"] != gcs and report["nodes"] == 1 and report["jobs"] == 1
-
-
-def test_a_live_head_on_this_machine_is_not_joined_without_ray_address(ray_tmp: Path) -> None:
-    head, gcs = _start_head(ray_tmp)
-    try:
-        proc, embedded = _probe(ray_tmp, "report")
-        _finish(proc)
-        assert embedded["started"] is True
-        assert embedded["gcs"] != gcs and embedded["nodes"] == 1 and embedded["jobs"] == 1
-
-        # RAY_ADDRESS still joins that head; and the head has seen no driver but this one.
-        proc, joined = _probe(ray_tmp, "report", RAY_ADDRESS=gcs, RAY_AUTH_MODE="token")  # as the README says
-        _finish(proc)
-        assert joined["started"] is False
-        assert joined["gcs"] == gcs and joined["nodes"] == 1 and joined["jobs"] == 1
-    finally:
-        terminate(head, 30)
 
 
 def _loopback(ip: str) -> bool:
@@ -200,35 +327,30 @@ def _loopback(ip: str) -> bool:
     return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
 
 
-def test_an_embedded_cluster_listens_on_loopback_only(ray_tmp: Path) -> None:
-    proc, report = _probe(ray_tmp, "hold")
-    try:
-        listening = {}
-        for pid, _, cmd in report["procs"]:
-            with contextlib.suppress(psutil.Error):
-                socks = psutil.Process(pid).net_connections(kind="inet")
-                listening[f"{pid} {cmd}"] = [(c.laddr.ip, c.laddr.port) for c in socks
-                                             if c.status == psutil.CONN_LISTEN]
-        names = " ".join(listening)
-        for role, seen_as in ROLES.items():
-            assert any(s in names for s in seen_as), f"no {role} among the cluster's processes: {list(listening)}"
-        assert sum(map(len, listening.values())) >= 6  # GCS, raylet, agents, workers, driver
-        exposed = {p: [a for a in addrs if not _loopback(a[0])] for p, addrs in listening.items()}
-        assert not {p: a for p, a in exposed.items() if a}, exposed
-    finally:
-        proc.kill()
-        proc.wait()
+def test_an_embedded_cluster_listens_on_loopback_only(held_cluster: Callable[..., _Held]) -> None:
+    report = held_cluster().report  # looked at, not changed: the SIGKILL test below ends it
+    listening = {}
+    for pid, _, cmd in report["procs"]:
+        with contextlib.suppress(psutil.Error):
+            socks = psutil.Process(pid).net_connections(kind="inet")
+            listening[f"{pid} {cmd}"] = [(c.laddr.ip, c.laddr.port) for c in socks
+                                         if c.status == psutil.CONN_LISTEN]
+    names = " ".join(listening)
+    for role, seen_as in ROLES.items():
+        assert any(s in names for s in seen_as), f"no {role} among the cluster's processes: {list(listening)}"
+    assert sum(map(len, listening.values())) >= 6  # GCS, raylet, agents, workers, driver
+    exposed = {p: [a for a in addrs if not _loopback(a[0])] for p, addrs in listening.items()}
+    assert not {p: a for p, a in exposed.items() if a}, exposed
 
 
-def test_a_sigkilled_driver_takes_its_embedded_cluster_with_it(ray_tmp: Path) -> None:
-    proc, report = _probe(ray_tmp, "hold")
+def test_a_sigkilled_driver_takes_its_embedded_cluster_with_it(held_cluster: Callable[..., _Held]) -> None:
+    held = held_cluster(take=True)
+    proc, report = held.proc, held.report
+    assert proc.poll() is None, "the probe holding the cluster is gone already"
     assert any(s in cmd for _, _, cmd in report["procs"] for s in ROLES["dashboard agent"])
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 60
-    while (left := _alive(report["procs"]) + [f"{p.pid} {p.cmdline()}" for p in _marked(ray_tmp)]) \
-            and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = _wait_gone(lambda: _alive(report["procs"]) + _described(_marked(held.temp)), 60)
     assert not left, f"still running 60 s after the driver was killed: {left}"
 
 
@@ -243,9 +365,7 @@ def test_the_orphans_of_a_killed_driver_and_guard_are_reaped_at_the_next_start(r
 
     nxt, _ = _probe(ray_tmp, "report")  # the next embedded start on this machine
     _finish(nxt)
-    deadline = time.monotonic() + 60
-    while (left := _alive(report["procs"])) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = _wait_gone(lambda: _alive(report["procs"]), 60)
     assert not left, f"left by the killed driver and still running after the next start: {left}"
 
 

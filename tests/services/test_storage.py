@@ -192,14 +192,14 @@ def test_out_dir_config_keeps_uris_as_text():
     assert is_uri("gs://b/x") and not is_uri("runs") and not is_uri(Path("s3://b"))
 
 
-def test_a_run_at_a_file_uri_is_uploaded_and_resumed_from_it(cluster, tmp_path, small_policy):
+def test_a_run_at_a_file_uri_is_uploaded_and_resumed_from_it(cluster, tmp_path, trained_uri_run):
     from services.driver import train
     from tests.services.conftest import short_config
 
-    remote = tmp_path / "remote" / "u"
-    location = f"file://{tmp_path}/remote/u"
-    cfg = short_config(f"file://{tmp_path}/remote", small_policy, "u", iterations=3, **{"run.checkpoint_every": 2})
-    summary = train(cfg)
+    # the session's run trained at file://<its root>/remote/u: short_config, 3 iterations,
+    # checkpoints every 2; trained once, looked at here as this test trained it
+    shared = trained_uri_run()
+    remote, location, summary = shared.remote, shared.location, shared.summary
     assert summary["run_dir"] == location and summary["checkpoint"] == f"{location}/checkpoint/policy.safetensors"
     for name in ("config.yaml", "metrics.jsonl", "eval_before.npz", "summary.json", "report.html",
                  "checkpoint/policy.safetensors", "checkpoint/optimizer.safetensors"):
@@ -207,10 +207,13 @@ def test_a_run_at_a_file_uri_is_uploaded_and_resumed_from_it(cluster, tmp_path, 
     assert (remote / "checkpoints" / "latest").read_text() == "iter-0000003\n"
     assert sorted(p.name for p in (remote / "checkpoints").iterdir()) == ["iter-0000002", "iter-0000003", "latest"]
     assert json.loads((remote / "summary.json").read_text())["run_dir"] == location
-    assert not list((tmp_path / "stage").iterdir())  # the staging copy is gone once all is uploaded
+    assert not list(shared.stage.iterdir())  # the staging copy is gone once all is uploaded
     first = (remote / "metrics.jsonl").read_text().splitlines()
 
-    more = short_config(f"file://{tmp_path}/remote", small_policy, "u", iterations=4, **{"run.checkpoint_every": 2})
+    # resumed from a copy of it at this test's own URI (the shared run stays as it is)
+    remote = shared.copy_to(tmp_path / "remote" / "u")
+    location = f"file://{tmp_path}/remote/u"
+    more = short_config(f"file://{tmp_path}/remote", shared.policy, "u", iterations=4, **{"run.checkpoint_every": 2})
     train(more, resume=location)
     rows = [json.loads(line) for line in (remote / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["kind"] == "train"] == [0, 1, 2, 3]
