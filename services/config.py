@@ -457,7 +457,9 @@ class ResourcesConfig(_Strict):
         "pack", description="One placement group reserves every actor's bundle before any starts (PACK: as few "
         "nodes as fit; SPREAD: across nodes); 'none' places actors one by one.")
     placement_timeout_s: Float = Field(300.0, gt=0, le=WEEK_S, description="Fail, naming the bundles, when the cluster cannot "
-                                       "place them within this long (an autoscaler may need minutes).")
+                                       "place them within this long (an autoscaler may need minutes), at the start "
+                                       "or after a node was lost with some of them (its actors wait for a node "
+                                       "with their resources).")
     max_restarts: Int = Field(3, ge=0, description="Restarts of a sampler or reward actor that dies; a restarted "
                               "sampler is resynced and its lost rollout redone. The learner never restarts: "
                               "the run stops with its last checkpoint (resume with --resume).")
