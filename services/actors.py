@@ -283,15 +283,17 @@ def check_fits(cfg: TrainConfig) -> None:
         return
     r = cfg.resources
     have = ray.cluster_resources()
+    lacking = []
     for kind, per in (("CPU", "cpus"), ("GPU", "gpus")):
         learner, sampler, reward = (getattr(r, f"{role}_{per}") for role in ("learner", "sampler", "reward"))
         asked = r.num_learners * learner + r.num_samplers * sampler + reward
         if asked > have.get(kind, 0.0) + 1e-9:
-            raise PlacementError(
-                f"the run asks for {asked:g} {kind}s (resources.num_learners={r.num_learners} × learner_{per}="
-                f"{learner:g}, num_samplers={r.num_samplers} × sampler_{per}={sampler:g}, reward_{per}={reward:g}); "
-                f"this machine's cluster has {have.get(kind, 0.0):g}"
-                + (" (resources.ray_num_cpus)" if kind == "CPU" else ""))
+            lacking.append(f"{asked:g} {kind}s (resources.num_learners={r.num_learners} × learner_{per}={learner:g}, "
+                           f"num_samplers={r.num_samplers} × sampler_{per}={sampler:g}, reward_{per}={reward:g}) "
+                           f"where this machine's cluster has {have.get(kind, 0.0):g}"
+                           + (" (resources.ray_num_cpus)" if kind == "CPU" else ""))
+    if lacking:
+        raise PlacementError(f"the run asks for {' and '.join(lacking)}")
 
 
 def start_actors(cfg: TrainConfig, name: str = "fmrl") -> Actors:

@@ -376,8 +376,15 @@ class Pipeline:
                                                    *refs[first:last]))
         try:
             return first_failure(calls)[0]
-        except _LOST as exc:
-            rank = next((k for k, c in enumerate(calls) if _lost(c)), 0)
+        except Exception as exc:
+            # a rank that died also fails its peers' collectives (a gloo/NCCL error), in either
+            # order: look for the dead rank among every call before reporting anything else
+            ray.wait(calls, num_returns=len(calls), timeout=5.0)
+            rank = next((k for k, c in enumerate(calls) if _lost(c)), None)
+            if rank is None:
+                if not isinstance(exc, _LOST):
+                    raise
+                rank = 0
             who = "the learner" if len(learners) == 1 else f"learner rank {rank}"
             raise LearnerLost(f"{who} died at iteration {b.iteration}: {exc}") from None
 

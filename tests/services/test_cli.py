@@ -15,7 +15,7 @@ def fmrl(*args, cwd=ROOT):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUTS = [
     (["train", "--set", "algorithm.orw.taux=1"], "unknown key 'algorithm.orw.taux'"),
     (["train", "--set", "learner.lr=-1"], "learner.lr: Input should be greater than 0"),
     (["train", "--set", "rollout.prompts=[]"], "the prompt list is empty"),
@@ -28,17 +28,40 @@ def fmrl(*args, cwd=ROOT):
     (["train", "--resume", "/nonexistent/run"], "/nonexistent/run is not a run directory (no config.yaml)"),
     (["train", "--resume", "/nonexistent/run", "--name", "x"], "give only --set overrides"),
     (["eval", "--checkpoint", "/nonexistent"], "no policy checkpoint at /nonexistent"),
-    (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "--prompts", "/nonexistent.txt"],
-     "prompts file not found: /nonexistent.txt"),
-    (["eval", "--checkpoint", "samplers/assets/digits_policy.safetensors", "-n", "1"], "argument -n: Input should be greater than or equal to 2"),
-])
-def test_bad_input_one_line_nonzero(args, message, tmp_path):
+    (["eval", "--checkpoint", str(ROOT / "samplers/assets/digits_policy.safetensors"), "--prompts",
+      "/nonexistent.txt"], "prompts file not found: /nonexistent.txt"),
+    (["eval", "--checkpoint", str(ROOT / "samplers/assets/digits_policy.safetensors"), "-n", "1"],
+     "argument -n: Input should be greater than or equal to 2"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
+def test_bad_input_one_line_nonzero(args, message, tmp_path, monkeypatch, capsys):
+    # in this process (a new interpreter per case cost ~2.7 s of imports each); the test below
+    # runs three of them as the real command, where nothing else may reach stderr either
+    from services.cli import main
+
+    monkeypatch.chdir(tmp_path)  # whatever a refused command might write would land here
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code not in (0, None)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0] and lines[0].startswith("fmrl")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", [0, 5, 7])  # a config error, a sample error, an unknown command
+def test_bad_input_is_one_line_from_the_real_command(case):
+    args, message = BAD_INPUTS[case]
     r = fmrl(*args)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, r.stderr
     assert message in lines[0] and lines[0].startswith("fmrl")
-    assert not list(tmp_path.iterdir())
 
 
 def test_resume_without_a_checkpoint_is_refused_and_changes_nothing(tmp_path):
