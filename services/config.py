@@ -630,9 +630,6 @@ class TrainConfig(_Strict):
         if self.algorithm.name == "orw_cfm_w2" and self.algorithm.orw.coupling == "minibatch_ot":
             raise ValueError("algorithm.orw.coupling minibatch_ot pairs noise across the whole batch; it runs with "
                              "resources.num_learners: 1 (or use coupling: independent)")
-        if self.pipeline.weight_sync == "torch_distributed":
-            raise ValueError(f"pipeline.weight_sync torch_distributed is not built for a learner group yet "
-                             f"(resources.num_learners={n}): use object_store")
         if 0 < self.resources.learner_gpus < 1:
             raise ValueError(f"resources.learner_gpus={self.resources.learner_gpus:g}: a learner group "
                              f"(resources.num_learners={n}) runs NCCL, which needs one whole GPU per learner")

@@ -174,6 +174,9 @@ class Pipeline:
                 ray.wait(busy, num_returns=len(busy))
             if self.regroup:
                 self._form_group()
+            if self.cfg.learner.sharding == "fsdp":  # the other ranks send rank 0 their shards
+                for learner in self.a.learners[1:]:
+                    learner.publish.remote(current)
             want = self.a.learner.broadcast_weights.remote(current)
             refs = {i: s.receive_weights.remote() for i, s in enumerate(self.a.samplers)}
             try:

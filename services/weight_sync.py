@@ -19,6 +19,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,22 +81,44 @@ def group_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+_SYNC: Any = None  # this process's weight-sync process group, once joined
+
+
 def join_group(address: str, port: int, rank: int, world_size: int, timeout_s: float,
                backend: str = "gloo") -> None:
-    """(Re)join the weight-sync process group; every member must call this at the same time."""
+    """(Re)join the weight-sync group; every member must call this at the same time.
+
+    The group is a process group of its own, built on a TCP store that rank 0 (the learner)
+    hosts, not torch.distributed's default group: a learner group's ranks hold that one
+    (learner/group.py), and rank 0 belongs to both."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    global _SYNC
+    _SYNC = None  # a previous group (a sampler died, the group is formed again) is dropped
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address, port, world_size, rank == 0, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout  # noqa: SLF001 - where this constructor takes its timeout
+        _SYNC = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    else:
+        _SYNC = dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
 def leave_group() -> None:
+    global _SYNC
+    _SYNC = None
+
+
+def _broadcast(t: torch.Tensor) -> None:
+    """Rank 0's ``t`` into every member's ``t``, over the weight-sync group."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if _SYNC is None:
+        raise RuntimeError("not in a weight-sync group (join_group first)")
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    _SYNC.broadcast([t], opts).wait()
 
 
 def _flat(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -106,7 +129,6 @@ def broadcast_state(version: int, state: dict[str, torch.Tensor], checksum: str,
                     device: str | torch.device = "cpu") -> int:
     """Rank 0: send the header, then the tensors (sorted by name) as one byte buffer.
     Returns the bytes sent."""
-    import torch.distributed as dist
 
     names = sorted(state)
     flat = _flat(state, names).to(device)
@@ -114,8 +136,8 @@ def broadcast_state(version: int, state: dict[str, torch.Tensor], checksum: str,
     header[:8] = torch.frombuffer(bytearray(int(version).to_bytes(8, "little")), dtype=torch.uint8)
     header[8:16] = torch.frombuffer(bytearray(flat.numel().to_bytes(8, "little")), dtype=torch.uint8)
     header[16:] = torch.frombuffer(bytearray(checksum.encode("ascii")), dtype=torch.uint8)
-    dist.broadcast(header.to(device), src=0)
-    dist.broadcast(flat, src=0)
+    _broadcast(header.to(device))
+    _broadcast(flat)
     return flat.numel()
 
 
@@ -123,23 +145,22 @@ def receive_state(template: dict[str, torch.Tensor],
                   device: str | torch.device = "cpu") -> tuple[int, str, dict[str, torch.Tensor]]:
     """Other ranks: receive what ``broadcast_state`` sends into tensors shaped like
     ``template`` (the sampler's own state); returns (version, checksum, state) unverified."""
-    import torch.distributed as dist
 
     names = sorted(template)
     sizes = [template[n].numel() * template[n].element_size() for n in names]
     header = torch.zeros(_HEADER, dtype=torch.uint8, device=device)
-    dist.broadcast(header, src=0)
+    _broadcast(header)
     header = header.cpu()
     version = int.from_bytes(bytes(header[:8].tolist()), "little")
     nbytes = int.from_bytes(bytes(header[8:16].tolist()), "little")
     checksum = bytes(header[16:].tolist()).decode("ascii")
     if nbytes != sum(sizes):
         # the sender's buffer is still broadcast; receive it so the group stays in step
-        dist.broadcast(torch.empty(nbytes, dtype=torch.uint8, device=device), src=0)
+        _broadcast(torch.empty(nbytes, dtype=torch.uint8, device=device))
         raise ValueError(f"weights for version {version} carry {nbytes} bytes, this sampler's policy "
                          f"has {sum(sizes)}: the learner and sampler policies differ")
     flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dist.broadcast(flat, src=0)
+    _broadcast(flat)
     out, lo = {}, 0
     for n, size in zip(names, sizes, strict=True):
         t = template[n]

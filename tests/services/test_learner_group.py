@@ -63,8 +63,10 @@ def test_two_learner_ranks_train_as_one_survive_a_lost_rank_by_resuming(cluster,
     assert str(ckpt) in str(lost.value) and f"--resume {tmp_path / 'two'}" in str(lost.value)
 
     # the run continues from that (unsharded) checkpoint to the second iteration, its two ranks
-    # now sharding the policy with FSDP2, and has learnt as the single learner did
-    resumed = load_config(tmp_path / "two" / "config.yaml", ["run.iterations=2", "learner.sharding=fsdp"])
+    # now sharding the policy with FSDP2 and rank 0 broadcasting the weights to the samplers
+    # (torch_distributed), and has learnt as the single learner did
+    resumed = load_config(tmp_path / "two" / "config.yaml",
+                          ["run.iterations=2", "learner.sharding=fsdp", "pipeline.weight_sync=torch_distributed"])
     two = train(resumed, resume=tmp_path / "two")
     assert two["before"] == one["before"]
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -80,8 +82,6 @@ def test_two_learner_ranks_train_as_one_survive_a_lost_rank_by_resuming(cluster,
     (["resources.num_learners=13"], "resources.num_learners=13 exceeds the 12 rollouts of a batch"),
     (["resources.num_learners=2", "algorithm.name=orw_cfm_w2", "algorithm.orw.coupling=minibatch_ot"],
      "algorithm.orw.coupling minibatch_ot pairs noise across the whole batch"),
-    (["resources.num_learners=2", "pipeline.weight_sync=torch_distributed"],
-     "pipeline.weight_sync torch_distributed is not built for a learner group yet"),
     (["resources.num_learners=2", "resources.learner_gpus=0.5"], "needs one whole GPU per learner"),
     (["learner.sharding=fsdp"], "learner.sharding fsdp shards the policy over a learner group: set "
                                 "resources.num_learners to 2 or more"),
