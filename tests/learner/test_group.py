@@ -11,6 +11,7 @@ Measured on this machine (2-core CPU): the largest relative difference of a para
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 
 import pytest
@@ -99,6 +100,12 @@ def _train(objective: str, lora: bool, group: LearnerGroup, resume_at: int | Non
     return out
 
 
+@functools.cache
+def _single(objective: str, lora: bool) -> dict:
+    """The single learner's run (the same for the DDP and the FSDP comparisons)."""
+    return _train(objective, lora, LearnerGroup())
+
+
 def _refusals(group: LearnerGroup) -> list[str]:
     """What a rank says to rows that are not its share, or prompts that are not the batch's."""
     ln = Learner(tiny_velocity(), table_encode, _settings("orw_cfm_w2"), group)
@@ -150,7 +157,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 @pytest.mark.parametrize(("objective", "lora"), CASES)
 def test_two_learners_train_as_one(ranks, objective, lora, sharding):
-    one = _train(objective, lora, LearnerGroup())
+    one = _single(objective, lora)
     r0, r1 = (r[f"{objective}/{lora}/{sharding}"] for r in ranks)
     worst = 0.0
     # the test would prove nothing if nothing trained (a few tensors get no gradient: the last

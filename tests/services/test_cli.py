@@ -97,19 +97,30 @@ def test_sample_writes_images_and_prompts(tmp_path):
     assert (HeldoutSVM().predict(images) == np.array([7] * 5 + [3] * 5)).mean() >= 0.8
 
 
-def test_pretrain_and_classifier_commands_write_loadable_files(tmp_path):
+def test_pretrain_and_classifier_commands_write_loadable_files(tmp_path, capsys):
+    # in this process (the real command's entry is the bad-input tests'): imports cost seconds
+    # each; the global RNGs the commands seed are given back afterwards
+    import random
+
+    import torch
     from safetensors import safe_open
 
     from samplers.policy import load_velocity
+    from services.cli import main
 
-    r = fmrl("pretrain-digits", "--steps", "3", "--eval-samples", "2", "--out", str(tmp_path / "p.safetensors"))
-    assert r.returncode == 0, r.stderr
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        assert main(["pretrain-digits", "--steps", "3", "--eval-samples", "2", "--out",
+                     str(tmp_path / "p.safetensors")]) == 0
+        capsys.readouterr()
+        assert main(["train-classifier", "--epochs", "1", "--out", str(tmp_path / "c.safetensors")]) == 0
+        assert "held-out accuracy" in capsys.readouterr().out
+    random.setstate(states[0])
+    np.random.set_state(states[1])
     load_velocity(tmp_path / "p.safetensors")
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         assert '"command": "fmrl pretrain-digits --steps 3 --seed 0"' in f.metadata()["pretrain_report"]
     assert (tmp_path / "p.json").is_file()
-    r = fmrl("train-classifier", "--epochs", "1", "--out", str(tmp_path / "c.safetensors"))
-    assert r.returncode == 0 and "held-out accuracy" in r.stdout
     from reward_workers.digits import load_classifier
 
     load_classifier(tmp_path / "c.safetensors")
