@@ -154,12 +154,16 @@ class Pipeline:
                 timeout=t + 30)
         self.regroup = False
 
-    def publish(self, current: bool) -> tuple[Any, Any]:
-        """Rank 0's publish refs (payload, (version, checksum, bytes)); an FSDP group's other ranks
-        take part (their shards are gathered), their returns unused."""
+    def _shards_to_rank0(self, current: bool) -> None:
+        """An FSDP group's other ranks take part in rank 0's publish (its weights are gathered
+        from their shards); their returns are unused."""
         if self.cfg.learner.sharding == "fsdp":
             for learner in self.a.learners[1:]:
                 learner.publish.remote(current)
+
+    def publish(self, current: bool) -> tuple[Any, Any]:
+        """Rank 0's publish refs (payload, (version, checksum, bytes))."""
+        self._shards_to_rank0(current)
         return self.a.learner.publish.remote(current)
 
     def sync(self, current: bool = False, wait: bool = True, busy: list[Any] | None = None) -> None:
@@ -174,9 +178,7 @@ class Pipeline:
                 ray.wait(busy, num_returns=len(busy))
             if self.regroup:
                 self._form_group()
-            if self.cfg.learner.sharding == "fsdp":  # the other ranks send rank 0 their shards
-                for learner in self.a.learners[1:]:
-                    learner.publish.remote(current)
+            self._shards_to_rank0(current)
             want = self.a.learner.broadcast_weights.remote(current)
             refs = {i: s.receive_weights.remote() for i, s in enumerate(self.a.samplers)}
             try:
