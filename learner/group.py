@@ -136,22 +136,19 @@ class LearnerGroup:
 
     def sum(self, values: list[float]) -> list[float]:
         """Σ over ranks of each value (float64), the same on every rank."""
-        if not self.distributed:
-            return list(values)
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self._all_reduce(values, "SUM")
 
     def max(self, values: list[float]) -> list[float]:
         """The largest of each value over the ranks (float64), the same on every rank."""
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
         if not self.distributed:
             return list(values)
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def gather(self, local: torch.Tensor, total: int) -> torch.Tensor:

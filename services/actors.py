@@ -286,7 +286,7 @@ def check_fits(cfg: TrainConfig) -> None:
     lacking = []
     for kind, per in (("CPU", "cpus"), ("GPU", "gpus")):
         learner, sampler, reward = (getattr(r, f"{role}_{per}") for role in ("learner", "sampler", "reward"))
-        asked = r.num_learners * learner + r.num_samplers * sampler + reward
+        asked = r.declared(per)
         if asked > have.get(kind, 0.0) + 1e-9:
             lacking.append(f"{asked:g} {kind}s (resources.num_learners={r.num_learners} × learner_{per}={learner:g}, "
                            f"num_samplers={r.num_samplers} × sampler_{per}={sampler:g}, reward_{per}={reward:g}) "

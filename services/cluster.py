@@ -72,8 +72,7 @@ def embedded_cpus(cfg: TrainConfig) -> int:
     r = cfg.resources
     if r.ray_num_cpus is not None:
         return r.ray_num_cpus
-    declared = r.num_learners * r.learner_cpus + r.num_samplers * r.sampler_cpus + r.reward_cpus
-    return max(os.cpu_count() or 1, math.ceil(declared))
+    return max(os.cpu_count() or 1, math.ceil(r.declared("cpus")))
 
 
 def embedded() -> bool:

@@ -464,6 +464,11 @@ class ResourcesConfig(_Strict):
                               "sampler is resynced and its lost rollout redone. The learner never restarts: "
                               "the run stops with its last checkpoint (resume with --resume).")
 
+    def declared(self, per: Literal["cpus", "gpus"]) -> float:
+        """The CPUs or GPUs every actor of a run declares together (learners, samplers, reward)."""
+        return (self.num_learners * getattr(self, f"learner_{per}") + self.num_samplers * getattr(self, f"sampler_{per}")
+                + getattr(self, f"reward_{per}"))
+
     @field_validator("sampler_resources", "learner_resources", "reward_resources")
     @classmethod
     def _custom(cls, v: dict[str, float]) -> dict[str, float]:
