@@ -1,18 +1,21 @@
-"""Benchmark the algorithms on the digits world through `fmrl train` (not run in CI).
+"""Compare the methods on the embedded benches through `fmrl train` (not run in CI).
 
-Each run is a real `fmrl train` subprocess with one config per algorithm; the script
-reads every run's summary.json and metrics.jsonl and writes a markdown table:
-reward, held-out-classifier accuracy and diversity (mean ± std over seeds), and the
-rollout samples needed until the batch reward (moving average of 5 iterations) first
-reaches each threshold. Sweeps reproduce the papers' claims.
+For every bench (digits, compose), method and value of the method's own trade-off knob
+(ORW / AC-Flow α, DiffusionNFT β, Flow-GRPO KL β, AdvantageFlow γ, AWM's regulariser), and
+every seed, one real `fmrl train --config configs/<bench>_<method>.yaml` subprocess at the
+same rollout budget. Then, per bench: a table (final reward, held-out accuracy, diversity,
+rollouts to each reward threshold; mean ± std over seeds), the reward-versus-diversity
+front as a picture (docs/images/front_<bench>.png), the methods at matched diversity
+(each method's best setting that keeps at least the diversity every method can keep) with
+Welch's test of AC-Flow against each, and the commit the figures were made at.
 
-    .venv/bin/python benchmarks/algorithms.py --seeds 0 1 2 --out docs/algorithms_results.md
-    .venv/bin/python benchmarks/algorithms.py --seeds 0 1 2 --sweep-seeds 0 \
-        --sweeps orw_tau orw_alpha ac_flow_ablations advantage_flow_gamma
+    .venv/bin/python benchmarks/algorithms.py                       # everything (hours on 2 cores)
+    .venv/bin/python benchmarks/algorithms.py --benches digits --methods ac_flow orw_cfm_w2 --seeds 0
+    .venv/bin/python benchmarks/algorithms.py --report-only          # tables and pictures of the runs there
 
-Runs already in --runs-dir are reused. Five algorithms × 3 seeds take about 1 h 15 min on
-2 cores (Flow-GRPO's SDE rollouts about 11 min a run, the others about 3.5 min); the
-four sweeps at one seed about 45 min more.
+Runs already in --runs-dir are reused (a run is named after bench, method, knob value and
+seed); a failed run is reported and skipped. Progress and an estimate of the time left go
+to stderr.
 """
 
 from __future__ import annotations
@@ -23,98 +26,228 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fronts import (  # noqa: E402
+    Point,
+    best_at_diversity,
+    front_gap,
+    matched_diversity,
+    pareto_front,
+    samples_to_threshold,
+    verdict,
+    welch,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-ALGORITHMS = ("ac_flow", "advantage_flow", "orw_cfm_w2", "diffusion_nft", "flow_grpo")
-CONFIG = {a: ROOT / "configs" / f"digits_{'orw' if a == 'orw_cfm_w2' else a}.yaml" for a in ALGORITHMS}
-THRESHOLDS = (0.85, 0.90, 0.95)
-SWEEPS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
-    # a variant with no overrides is the algorithm's own config: its run is shared with the table above
-    "orw_tau": ("orw_cfm_w2", [(f"τ={t}", [f"algorithm.orw.tau={t}"] if t != 20 else []) for t in (5, 10, 20, 40)]),
-    "orw_alpha": ("orw_cfm_w2", [(f"α={a}", [f"algorithm.orw.alpha={a}"] if a != 0.5 else [])
-                                 for a in (0, 0.25, 0.5, 1, 2)]),
-    "ac_flow_ablations": ("ac_flow", [
-        ("full", []),
-        ("warm-up actor on ORW weights", ["algorithm.ac_flow.warmup_actor=orw"]),
-        ("no warm-up", ["algorithm.ac_flow.warmup_steps=0"]),
-        ("no clipping", ["algorithm.ac_flow.advantage_clip=null"]),
-        ("no shaping", ["algorithm.ac_flow.shaping=none", "algorithm.ac_flow.tracker.min_count=1000",
-                        "algorithm.ac_flow.tracker.buffer_size=1000"]),
-    ]),
-    # without the rollout term γ the loss needs λ > A_max to stay convex: the reference takes its place
-    "advantage_flow_gamma": ("advantage_flow", [
-        ("γ=1.1, λ=1e-3", []),
-        ("γ=0, λ=1.1", ["algorithm.advantage_flow.gamma=0", "algorithm.advantage_flow.lam=1.1"]),
-    ]),
-}
+BENCHES = ("digits", "compose")
 
 
-def run(algorithm: str, seed: int, extra: list[str], out: Path, name: str) -> dict:
-    if not extra:
-        name = f"{algorithm}-s{seed}"
-    run_dir = out / name
-    if not (run_dir / "summary.json").is_file():
-        cmd = [str(ROOT / ".venv/bin/fmrl"), "train", "--config", str(CONFIG[algorithm]),
-               "--set", f"run.out_dir={out}", "--set", f"run.seed={seed}", "--set", "run.progress=false",
-               "--name", name, *[x for e in extra for x in ("--set", e)]]
-        t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+@dataclass(frozen=True)
+class Method:
+    """A method as the bench runs it: its config stem and its trade-off knob."""
+
+    name: str
+    stem: str
+    knob: str
+    values: tuple[float, ...]
+    label: str
+    sets: tuple[str, ...] = ()
+    """Further overrides that make a variant of a method (an AC-Flow lever)."""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ac_flow", "ac_flow", "algorithm.ac_flow.alpha", (0.25, 0.5, 1.0), "AC-Flow α"),
+    Method("ac_flow_orw_warmup", "ac_flow", "algorithm.ac_flow.alpha", (0.25, 0.5, 1.0),
+           "AC-Flow α, actor on ORW weights in warm-up", ("algorithm.ac_flow.warmup_actor=orw",)),
+    Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.25, 0.5, 1.0), "ORW-CFM-W2 α"),
+    # γ + λ must exceed A_max = 1 (convexity): γ = 1.1 is the restated default
+    Method("advantage_flow", "advantage_flow", "algorithm.advantage_flow.gamma", (1.1, 2.0, 4.0), "AdvantageFlow γ"),
+    Method("diffusion_nft", "diffusion_nft", "algorithm.diffusion_nft.beta", (0.1, 0.3, 1.0), "DiffusionNFT β"),
+    Method("flow_grpo", "flow_grpo", "algorithm.flow_grpo.kl_beta", (0.01, 0.04, 0.16), "Flow-GRPO KL β"),
+    Method("flow_grpo_fast", "flow_grpo_fast", "algorithm.flow_grpo.kl_beta", (0.04,), "Flow-GRPO-Fast KL β"),
+    Method("awm", "awm", "algorithm.awm.beta", (0.001, 0.003, 0.03), "AWM KL β"),
+)}
+THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.5, 0.7, 0.9)}
+FLAGSHIP = "ac_flow"
+
+
+def commit() -> str:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return sha + (" (with uncommitted changes)" if dirty else "")
+
+
+def config_of(bench: str, m: Method) -> Path:
+    return ROOT / "configs" / f"{bench}_{m.stem}.yaml"
+
+
+def run_name(bench: str, m: Method, value: float, seed: int) -> str:
+    return f"{bench}-{m.name}-{m.knob.rsplit('.', 1)[1]}{value:g}-s{seed}"
+
+
+def launch(bench: str, m: Method, value: float, seed: int, runs: Path, iterations: int | None) -> Path:
+    """One `fmrl train` run (reused when its summary is there); its directory."""
+    name = run_name(bench, m, value, seed)
+    run_dir = runs / name
+    if (run_dir / "summary.json").is_file():
+        return run_dir
+    sets = [f"run.out_dir={runs}", f"run.seed={seed}", "run.progress=false", f"{m.knob}={value}", *m.sets]
+    if iterations is not None:
+        sets.append(f"run.iterations={iterations}")
+    cmd = [str(ROOT / ".venv/bin/fmrl"), "train", "--config", str(config_of(bench, m)), "--name", name,
+           *[x for s in sets for x in ("--set", s)]]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return run_dir
+
+
+def read_run(run_dir: Path, thresholds: tuple[float, ...]) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["kind"] == "train"]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rewards = [r["reward_mean"] for r in rows if r.get("kind") == "train"]
     c = yaml.safe_load((run_dir / "config.yaml").read_text())
-    per_it = (c["rollout"]["prompts_per_iteration"] or len(c["rollout"]["prompts"])) * c["rollout"]["samples_per_prompt"]
-    rewards = [r["reward_mean"] for r in train]
-    reach = {}
-    for th in THRESHOLDS:
-        hit = next((i for i in range(4, len(rewards)) if statistics.mean(rewards[i - 4:i + 1]) >= th), None)
-        reach[th] = None if hit is None else (hit + 1) * per_it
-    return {"after": summary["after"], "before": summary["before"], "reach": reach}
+    per_it = (c["rollout"]["prompts_per_iteration"] or len(c["rollout"]["prompts"] or [])) * c["rollout"]["samples_per_prompt"]
+    return {"after": summary["after"], "before": summary["before"], "curve": rewards, "per_iteration": per_it,
+            "reach": {th: samples_to_threshold(rewards, per_it, th) for th in thresholds}}
 
 
-def fmt(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+def fmt(values: tuple[float, ...] | list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    head = "| run | reward | held-out acc. | diversity | " + " | ".join(f"samples to {t}" for t in THRESHOLDS) + " |"
-    lines = [head, "|" + "---|" * (4 + len(THRESHOLDS))]
-    for name, rs in results.items():
-        reach = []
-        for t in THRESHOLDS:
-            hits = [r["reach"][t] for r in rs]
-            reach.append("—" if any(h is None for h in hits) else f"{statistics.mean(hits):,.0f}")
-        lines.append(f"| {name} | {fmt([r['after']['reward'] for r in rs])} | {fmt([r['after']['accuracy'] for r in rs])} "
-                     f"| {fmt([r['after']['diversity'] for r in rs])} | " + " | ".join(reach) + " |")
-    base = next(iter(results.values()))[0]["before"]
-    lines.append(f"| base policy | {base['reward']:.3f} | {base['accuracy']:.3f} | {base['diversity']:.3f} | | | |")
+def table(points: list[Point], thresholds: tuple[float, ...], base: dict) -> str:
+    lines = ["| method | knob | reward | held-out | diversity | " + " | ".join(f"samples to {t}" for t in thresholds) + " |",
+             "|" + "---|" * (5 + len(thresholds))]
+    for p in points:
+        reach = ["—" if (s := p.samples_to(t)) is None else f"{s:,.0f}" for t in thresholds]
+        held = fmt(p.heldout) if p.heldout else "—"
+        lines.append(f"| {p.method} | {p.knob} | {fmt(p.rewards)} | {held} | {fmt(p.diversities)} | " + " | ".join(reach) + " |")
+    lines.append(f"| base policy | | {base['reward']:.3f} | {base['accuracy']:.3f} | {base['diversity']:.3f} |"
+                 + " |" * len(thresholds))
     return "\n".join(lines)
+
+
+def draw_front(bench: str, points: list[Point], front: list[Point], base: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    methods = list(dict.fromkeys(p.method for p in points))
+    for i, meth in enumerate(methods):
+        mine = sorted((p for p in points if p.method == meth), key=lambda p: p.diversity)
+        xs, ys = [p.diversity for p in mine], [p.reward for p in mine]
+        xe = [statistics.stdev(p.diversities) if len(p.diversities) > 1 else 0.0 for p in mine]
+        ye = [statistics.stdev(p.rewards) if len(p.rewards) > 1 else 0.0 for p in mine]
+        style = {"lw": 2.5, "zorder": 3} if meth == FLAGSHIP else {"lw": 1.2}
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, label=METHODS[meth].label, color=f"C{i}", **style)
+        for p in mine:
+            ax.annotate(p.knob.split("=")[-1], (p.diversity, p.reward), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([p.diversity for p in front], [p.reward for p in front], ls="--", color="grey", lw=1, label="front (all methods)")
+    ax.scatter([base["diversity"]], [base["reward"]], marker="*", s=120, color="black", label="base policy", zorder=4)
+    ax.set_xlabel("diversity (mean pairwise distance of evaluation samples per prompt)")
+    ax.set_ylabel("final reward (CFG-free evaluation)")
+    ax.set_title(f"{bench}: reward against diversity, each method along its own knob (mean ± std over seeds)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def section(bench: str, points: list[Point], base: dict, seeds: list[int], picture: Path) -> str:
+    th = THRESHOLDS[bench]
+    front = pareto_front(points)
+    draw_front(bench, points, front, base, picture)
+    rel = picture.relative_to(ROOT / "docs") if picture.is_relative_to(ROOT / "docs") else picture
+    out = [f"## {bench}\n", f"![{bench} front]({rel})\n", table(points, th, base), ""]
+    out.append("On the front (no other point has at least its reward and its diversity): "
+               + ", ".join(f"{p.method} {p.knob}" for p in front) + ".")
+    flag = [p for p in points if p.method == FLAGSHIP]
+    if flag:
+        gaps = ", ".join(f"{p.knob}: {front_gap(p, front):.3f}" for p in flag)
+        on = [p for p in flag if front_gap(p, front) == 0.0 and p in front]
+        out.append(f"AC-Flow {'is on the front at ' + ', '.join(p.knob for p in on) if on else 'is not on the front'}; "
+                   f"its reward below the front at its own diversity — {gaps}.")
+    floor = matched_diversity(points)
+    out += ["", f"### At matched diversity (≥ {floor:.3f}, the most every method keeps at some setting)", "",
+            "| method | setting | reward | diversity | " + " | ".join(f"samples to {t}" for t in th)
+            + " | AC-Flow against it (Welch, final reward) |", "|" + "---|" * (5 + len(th))]
+    best = {m: best_at_diversity(points, m, floor) for m in dict.fromkeys(p.method for p in points)}
+    mine = best.get(FLAGSHIP)
+    for m, p in best.items():
+        if p is None:
+            continue
+        reach = ["—" if (s := p.samples_to(t)) is None else f"{s:,.0f}" for t in th]
+        test = ""
+        if mine is not None and m != FLAGSHIP and len(p.rewards) > 1 and len(mine.rewards) > 1:
+            t, pv = welch(mine.rewards, p.rewards)
+            test = f"Δ = {mine.reward - p.reward:+.3f}, t = {t:.2f}, {verdict(pv)}"
+        out.append(f"| {m} | {p.knob} | {fmt(p.rewards)} | {fmt(p.diversities)} | " + " | ".join(reach) + f" | {test} |")
+    out.append(f"\nSeeds {', '.join(map(str, seeds))}; n = {len(seeds)} per point, so a difference is claimed only "
+               "where the test says so.")
+    return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--benches", nargs="*", default=list(BENCHES), choices=BENCHES)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--sweeps", nargs="*", default=[], choices=sorted(SWEEPS))
-    p.add_argument("--sweep-seeds", nargs="*", type=int, default=None, help="Seeds of the sweeps (default: --seeds).")
+    p.add_argument("--iterations", type=int, default=None, help="Override run.iterations (the same for every method).")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "algorithms_results.md")
+    p.add_argument("--report-only", action="store_true", help="Do not launch runs; report those present.")
     args = p.parse_args()
+    plan = [(b, METHODS[m], v, s) for b in args.benches for m in args.methods if config_of(b, METHODS[m]).is_file()
+            for v in METHODS[m].values for s in args.seeds]
+    done: dict[tuple, Path] = {}
+    t0, launched = time.time(), 0
+    for i, (b, m, v, s) in enumerate(plan):
+        rd = args.runs_dir / run_name(b, m, v, s)
+        if not (rd / "summary.json").is_file():
+            if args.report_only:
+                continue
+            left = sum(1 for (b2, m2, v2, s2) in plan[i:] if not (args.runs_dir / run_name(b2, m2, v2, s2) / "summary.json").is_file())
+            eta = "" if not launched else f", about {(time.time() - t0) / launched * left / 60:.0f} min left"
+            print(f"[{i + 1}/{len(plan)}] {rd.name} ({left} to run{eta})", file=sys.stderr, flush=True)
+            try:
+                launch(b, m, v, s, args.runs_dir, args.iterations)
+                launched += 1
+            except subprocess.CalledProcessError as e:
+                print(f"{rd.name} failed ({e.returncode}); skipped", file=sys.stderr)
+                continue
+        done[(b, m.name, v, s)] = rd
     sections = []
-    if args.algorithms:
-        res = {a: [run(a, s, [], args.runs_dir, f"{a}-s{s}") for s in args.seeds] for a in args.algorithms}
-        sections.append("## Algorithms (same sample budget, seeds " + ", ".join(map(str, args.seeds)) + ")\n\n" + table(res))
-    for sw in args.sweeps:
-        algo, variants = SWEEPS[sw]
-        seeds = args.seeds if args.sweep_seeds is None else args.sweep_seeds
-        res = {label: [run(algo, s, extra, args.runs_dir, f"{sw}-{i}-s{s}") for s in seeds]
-               for i, (label, extra) in enumerate(variants)}
-        sections.append(f"## Sweep {sw} ({algo}; seeds " + ", ".join(map(str, seeds)) + ")\n\n" + table(res))
-    text = "# Digits-world results\n\nMade by `" + " ".join(["python", *sys.argv]) + "`.\n\n" + "\n\n".join(sections) + "\n"
+    for b in args.benches:
+        points, base = [], None
+        for mname in args.methods:
+            m = METHODS[mname]
+            for v in m.values:
+                runs = [read_run(done[(b, mname, v, s)], THRESHOLDS[b]) for s in args.seeds if (b, mname, v, s) in done]
+                if not runs:
+                    continue
+                base = base or runs[0]["before"]
+                points.append(Point(mname, f"{m.knob.rsplit('.', 1)[1]}={v:g}",
+                                    tuple(r["after"]["reward"] for r in runs), tuple(r["after"]["diversity"] for r in runs),
+                                    tuple(r["after"]["accuracy"] for r in runs if r["after"].get("accuracy") is not None),
+                                    {t: tuple(r["reach"][t] for r in runs) for t in THRESHOLDS[b]}))
+        if points and base is not None:
+            sections.append(section(b, points, base, args.seeds, ROOT / "docs" / "images" / f"front_{b}.png"))
+    text = (f"# Bench results\n\nMade at commit {commit()} by `python {' '.join(sys.argv)}` on the 2-core build machine "
+            "(runs present in the runs directory are reused). Reward and diversity are the run's final CFG-free "
+            "evaluation; held-out is the evaluation-only model's accuracy; \"samples to x\": rollouts until the "
+            "5-iteration moving average of the batch reward first reaches x (mean over seeds; — when a seed never did).\n\n"
+            + "\n\n".join(sections) + "\n")
     args.out.write_text(text)
     print(text)
 

@@ -1,12 +1,15 @@
 """Reward normalisation and advantage shaping, shared by every objective.
 
-- ``PerPromptStatTracker``: per-prompt running mean/std over a bounded buffer,
-  falling back to batch statistics below a minimum count, as in DDPO (Black et al.,
-  2023, ``PerPromptStatTracker``) and Flow-GRPO (Liu et al., 2025) [code].
-  Its ``global_std`` option divides the prompt-centred rewards by the std of all of
-  the batch's prompt-centred rewards, the advantage of AdvantageFlow and DiffusionNFT
-  [restated]. (Flow-GRPO's released tracker divides by the std of the raw batch
-  rewards instead; we follow the centred form of ALGORITHMS.md.)
+Two reward trackers (``tracker.mode`` in the config):
+
+- ``PerPromptStatTracker`` (``buffer``): per-prompt running mean/std over a bounded
+  buffer, falling back to batch statistics below a minimum count, as in DDPO (Black et
+  al., 2023, ``PerPromptStatTracker``) [code]. Its ``global_std`` option divides the
+  prompt-centred rewards by the std of all of the batch's prompt-centred rewards, the
+  advantage of AdvantageFlow [restated].
+- ``BatchStatTracker`` (``batch``): the released tracker of Flow-GRPO and DiffusionNFT
+  (``flow_grpo/stat_tracking.py``, cleared every epoch): statistics of the current batch
+  only; ``global_std`` divides by the std of the batch's *raw* rewards [code].
 - ``shape_rewards``: AC-Flow's squash of normalised rewards into [−limit, limit] by
   clamp or tanh [reconstructed: the paper's exact shaping was not available].
 - ``clip_advantages``: advantage clipping to [−A_max, A_max] (AC-Flow's dual-stability
@@ -15,7 +18,7 @@
   GRPO-style advantages.
 
 Pure tensor code: no Ray, Redis, diffusers, pydantic or project imports. Statistics
-are population statistics (``correction=0``).
+are population statistics (``correction=0``, numpy's default ``ddof=0``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from typing import Any, Literal
 import torch
 
 ShapeMode = Literal["none", "clip", "tanh"]
+TrackerMode = Literal["buffer", "batch"]
 
 
 class PerPromptStatTracker:
-    """Per-prompt running reward statistics (DDPO / Flow-GRPO), for exact resume.
+    """Per-prompt running reward statistics (DDPO's), for exact resume.
+
+    (Flow-GRPO's and DiffusionNFT's releases clear theirs every epoch: ``BatchStatTracker``.)
 
     Each prompt keeps a buffer (a deque) of its ``buffer_size`` most recent rewards.
     ``normalize`` first appends the batch's rewards to their prompts' buffers, then
@@ -76,22 +82,9 @@ class PerPromptStatTracker:
         Raises ValueError, leaving the buffers untouched, on a length mismatch, an
         empty batch or non-finite rewards.
         """
-        if rewards.dim() != 1:
-            raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
         n = rewards.numel()
-        if len(prompts) != n:
-            raise ValueError(f"got {len(prompts)} prompts for {n} rewards")
-        if n == 0:
-            raise ValueError("empty batch: no rewards to normalise")
-        r = rewards.detach().to("cpu", torch.float64)
-        bad = int((~torch.isfinite(r)).sum())
-        if bad:
-            raise ValueError(f"{bad} of {n} rewards are not finite")
-
+        r, groups = _checked(prompts, rewards)
         values = r.tolist()
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(p, []).append(i)
         for p, idx in groups.items():
             buf = self._buffers.setdefault(p, deque(maxlen=self.buffer_size))
             buf.extend(values[i] for i in idx)
@@ -124,6 +117,7 @@ class PerPromptStatTracker:
     def state_dict(self) -> dict[str, Any]:
         """Settings and buffers as plain JSON-serialisable Python values."""
         return {
+            "mode": "buffer",
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,
             "global_std": self.global_std,
@@ -135,8 +129,11 @@ class PerPromptStatTracker:
         """Restore the buffers saved by ``state_dict``.
 
         The saved settings must equal this tracker's: resuming under other settings
-        would silently change the advantages, so it is an error.
+        would silently change the advantages, so it is an error (so is a batch tracker's state;
+        a state without ``mode`` predates the batch tracker and is a buffer tracker's).
         """
+        if state.get("mode", "buffer") != "buffer":
+            raise ValueError(f"state was saved by a {state.get('mode')!r} tracker, this one is a 'buffer' tracker")
         saved = {k: state[k] for k in ("buffer_size", "min_count", "global_std", "eps")}
         mine = {"buffer_size": self.buffer_size, "min_count": self.min_count,
                 "global_std": self.global_std, "eps": self.eps}
@@ -146,6 +143,98 @@ class PerPromptStatTracker:
             str(p): deque((float(v) for v in vals), maxlen=self.buffer_size)
             for p, vals in state["buffers"].items()
         }
+
+
+def _checked(prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[int]]]:
+    """The rewards as float64 on the CPU and each prompt's indices, in first-seen order;
+    ValueError on a length mismatch, an empty batch or non-finite rewards."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    n = rewards.numel()
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for {n} rewards")
+    if n == 0:
+        raise ValueError("empty batch: no rewards to normalise")
+    r = rewards.detach().to("cpu", torch.float64)
+    bad = int((~torch.isfinite(r)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {n} rewards are not finite")
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    return r, groups
+
+
+class BatchStatTracker:
+    """The released per-prompt tracker of Flow-GRPO and DiffusionNFT: this batch only.
+
+    ``flow_grpo/stat_tracking.py`` (``PerPromptStatTracker.update``, identical in both
+    releases) is cleared after every epoch's single update, so its statistics are those of
+    the current batch [code]. For every sample of prompt c
+
+        A_i = (r_i − μ_c) / (σ + eps),   eps = 1e-4
+
+    with μ_c the mean of c's rewards in this batch and σ the population std of *all* the
+    batch's raw rewards with ``global_std``, else of c's rewards in this batch. A prompt
+    with a single sample gets A = 0 (r_i = μ_c; σ_c = 0 divides nothing). When *every*
+    prompt has a single sample the released training scripts skip the tracker and use
+    (r − mean)/(std + 1e-4) over the whole batch (Flow-GRPO's ``train_sd3.py``; DiffusionNFT's
+    asserts instead), which this tracker does too. It keeps no state between batches.
+    """
+
+    def __init__(self, global_std: bool = True, eps: float = 1e-4) -> None:
+        if eps < 0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        self.global_std = global_std
+        self.eps = eps
+
+    def normalize(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """This batch's advantages. prompts: B strings (the group key); rewards: (B,) finite.
+
+        Returns advantages (B,) on ``rewards``' device and in its dtype (computed in float64)
+        and statistics ``zero_spread_groups`` (prompts whose rewards in this batch are all
+        equal, a single sample included) and ``groups`` (distinct prompts). ValueError on a length mismatch,
+        an empty batch or non-finite rewards.
+        """
+        r, groups = _checked(prompts, rewards)
+        n = r.numel()
+        if len(groups) == n:  # all singletons: the scripts' whole-batch normalisation
+            adv = (r - r.mean()) / (r.std(correction=0) + self.eps)
+        else:
+            adv = torch.empty_like(r)
+            batch_std = r.std(correction=0)
+            for idx in groups.values():
+                g = r[idx]
+                std = batch_std if self.global_std else g.std(correction=0)
+                adv[idx] = (g - g.mean()) / (std + self.eps)
+        zero_spread = sum(1 for idx in groups.values() if bool((r[idx] == r[idx[0]]).all()))
+        stats = {"zero_spread_groups": float(zero_spread), "groups": float(len(groups))}
+        dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
+        return adv.to(device=rewards.device, dtype=dtype), stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Only the settings: the tracker forgets every batch."""
+        return {"mode": "batch", "global_std": self.global_std, "eps": self.eps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check that ``state`` was saved by a batch tracker with these settings (else ValueError)."""
+        saved = {"mode": state.get("mode", "buffer"), "global_std": state.get("global_std"), "eps": state.get("eps")}
+        if saved != self.state_dict():
+            raise ValueError(f"state was saved with settings {saved}, this tracker has {self.state_dict()}")
+
+
+RewardTracker = PerPromptStatTracker | BatchStatTracker
+
+
+def make_tracker(mode: TrackerMode, buffer_size: int = 32, min_count: int = 16,
+                 global_std: bool = False) -> RewardTracker:
+    """The tracker of ``mode``: ``buffer`` (running per-prompt buffers, buffer_size and
+    min_count apply) or ``batch`` (the released Flow-GRPO/DiffusionNFT tracker)."""
+    if mode == "batch":
+        return BatchStatTracker(global_std=global_std)
+    if mode == "buffer":
+        return PerPromptStatTracker(buffer_size=buffer_size, min_count=min_count, global_std=global_std)
+    raise ValueError(f"unknown tracker mode {mode!r}; valid modes: ['batch', 'buffer']")
 
 
 def _shape_none(a: torch.Tensor, limit: float) -> torch.Tensor:

@@ -6,14 +6,22 @@ to a 4×4 grid, a sinusoidal time embedding and a projection of the pooled promp
 embedding, joined by a two-layer head: ≈41 k parameters for the digits world (6.5% of
 the policy), and it works unchanged on SD3 latents (16 channels, any size) because the
 pooling is adaptive.
+
+``norm="layer"`` puts a LayerNorm after each hidden Linear of the MLP parts (the pooled
+features, the time embedding, the head), before its GELU; ``"none"`` builds the same modules
+(and state-dict keys) as before the option existed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
+
+CriticNorm = Literal["none", "layer"]
+CRITIC_NORMS: tuple[str, ...] = ("none", "layer")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -27,19 +35,26 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class ValueCritic(nn.Module):
     """V_φ(x_t, t, c) → (B,): the expected shaped reward of the final sample given x_t."""
 
-    def __init__(self, in_channels: int, cond_dim: int, width: int = 32, time_dim: int = 32) -> None:
+    def __init__(self, in_channels: int, cond_dim: int, width: int = 32, time_dim: int = 32,
+                 norm: CriticNorm = "none") -> None:
         super().__init__()
+        if norm not in CRITIC_NORMS:
+            raise ValueError(f"unknown critic norm {norm!r}; valid: {', '.join(CRITIC_NORMS)}")
         self.time_dim = time_dim
+
+        def act(dim: int) -> list[nn.Module]:  # [LayerNorm,] GELU after a hidden Linear
+            return [nn.LayerNorm(dim), nn.GELU()] if norm == "layer" else [nn.GELU()]
+
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width // 2, 3, padding=1), nn.GELU(),
             nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.GELU(),
             # a coarse 4×4 grid, not a global mean: where the strokes are is what a digit is;
             # adaptive pooling keeps the critic size-independent for SD3 latents
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * width, width), nn.GELU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * width, width), *act(width),
         )
-        self.time = nn.Sequential(nn.Linear(time_dim, width), nn.GELU())
+        self.time = nn.Sequential(nn.Linear(time_dim, width), *act(width))
         self.cond = nn.Linear(cond_dim, width)
-        self.head = nn.Sequential(nn.Linear(3 * width, 2 * width), nn.GELU(), nn.Linear(2 * width, 1))
+        self.head = nn.Sequential(nn.Linear(3 * width, 2 * width), *act(2 * width), nn.Linear(2 * width, 1))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])

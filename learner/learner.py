@@ -2,7 +2,8 @@
 
 The rollout policy π_old is a frozen copy of π_θ refreshed every
 ``rollout_refresh_every`` optimiser steps (ORW-CFM-W2's "steps per epoch" H), either
-copied or moved towards π_θ by an EMA (AdvantageFlow, DiffusionNFT); its weights are
+copied or moved towards π_θ by an EMA (AdvantageFlow, DiffusionNFT) after every step or
+once per refresh, with a constant decay or DiffusionNFT's schedule; its weights are
 what samplers roll out, so each refresh is a new published version. The objective's
 rule (learner/rules.py) turns a batch into the objective's inputs.
 The learner owns reduction and accumulation: objectives return per-sample losses,
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from learner.group import LearnerGroup, full_tensor, local_like
+from learner.objectives.diffusion_nft import rollout_ema_decay
 from learner.pretrain import ema_update
 from learner.rules import Batch, Prepared, build_rule, settings_json
 from learner.settings import LearnerSettings
@@ -143,9 +145,11 @@ class Learner:
                        None if batch.log_probs is None else batch.log_probs.to(dev), rows)
         totals: dict[str, float] = {}
         self.step_phase_seconds = []
-        for _ in range(self.settings.updates_per_batch):
+        # a rule may split each pass over the batch into minibatches, one optimiser step each (Flow-GRPO)
+        steps = self.settings.updates_per_batch * getattr(self.rule, "steps_per_batch", 1)
+        for _ in range(steps):
             for k, v in self._optimizer_step(scored).items():
-                totals[k] = totals.get(k, 0.0) + v / self.settings.updates_per_batch
+                totals[k] = totals.get(k, 0.0) + v / steps
         totals["rollout_version"] = float(batch.version)
         return totals
 
@@ -214,12 +218,16 @@ class Learner:
             self.scheduler.step()
         stats.update(self.rule.after_step(self, prep))
         self.step += 1
-        if s.rollout_update == "ema":
+        refresh = self.step % s.rollout_refresh_every == 0
+        # the EMA after every step, or once per refresh (DiffusionNFT's once per epoch); its decay
+        # is constant or follows DiffusionNFT's schedule of the optimiser steps so far
+        if s.rollout_update == "ema" and (s.rollout_ema_every == "step" or refresh):
+            decay = rollout_ema_decay(s.rollout_ema_schedule, self.step, s.rollout_ema_decay)
             if isinstance(self.rollout, RolloutAdapter):
-                self.rollout.ema_from_policy(s.rollout_ema_decay)
+                self.rollout.ema_from_policy(decay)
             else:
-                ema_update(self.rollout, self.policy, s.rollout_ema_decay)
-        if self.step % s.rollout_refresh_every == 0:
+                ema_update(self.rollout, self.policy, decay)
+        if refresh:
             self.refresh_rollout()
         self.step_phase_seconds.append({"prepare": t1 - t0, "forward_backward": t2 - t1,
                                         "optimizer": time.perf_counter() - t2})

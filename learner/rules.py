@@ -14,24 +14,38 @@ The table ``RULES`` maps the config's objective name to its rule.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from learner.advantages import PerPromptStatTracker, clip_advantages, shape_rewards
+from learner.advantages import RewardTracker, clip_advantages, make_tracker, shape_rewards
 from learner.coupling import couple
 from learner.critic import ValueCritic
 from learner.group import Rows
 from learner.objectives import orw_cfm_w2_loss
-from learner.objectives.ac_flow import ac_flow_actor_loss, critic_regression_loss, critic_weights
+from learner.objectives.ac_flow import (
+    ac_flow_actor_loss,
+    critic_regression_loss,
+    critic_weights,
+    explained_variance,
+    explained_variance_by_t,
+)
 from learner.objectives.advantage_flow import advantage_flow_loss, check_convexity
-from learner.objectives.diffusion_nft import diffusion_nft_loss, nft_optimality
-from learner.objectives.flow_grpo import flow_grpo_loss
+from learner.objectives.awm import awm_log_prob, awm_loss
+from learner.objectives.diffusion_nft import (
+    diffusion_nft_loss,
+    diffusion_nft_released_loss,
+    nft_optimality,
+    nft_training_times,
+)
+from learner.objectives.flow_grpo import flow_grpo_loss, nonzero_advantage_mask, num_train_timesteps
 from learner.objectives.weighted import effective_sample_size
 from learner.settings import LearnerSettings, TrackerParams
 from samplers.flow import data_prediction, interpolate, sample_training_times, velocity_target
-from samplers.sde import gaussian_log_prob, grid_t_max, sde_step_mean_std
+from samplers.rollout import guided_velocity
+from samplers.sde import grid_t_max, noise_level, step_log_prob, step_mean_std
 from samplers.text import PromptEmbeddings
 
 if TYPE_CHECKING:
@@ -89,8 +103,16 @@ def draw_interpolants(ln: Learner, b: Batch, coupling: str = "independent") -> P
             "tokens": b.cond.tokens, "pooled": b.cond.pooled}
 
 
-def _tracker(p: TrackerParams) -> PerPromptStatTracker:
-    return PerPromptStatTracker(buffer_size=p.buffer_size, min_count=p.min_count, global_std=p.global_std)
+def _recorded(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's recorded states (n, K + 1, C, H, W) and times (K + 1,), or a clear error."""
+    if b.states is None or b.times is None or b.states.shape[1] < 2 or b.states.shape[1] != b.times.shape[0]:
+        raise ValueError("ac_flow critic_states: rollout trains the critic on recorded states; "
+                         "set rollout.keep_states: true (or critic_states: interpolant)")
+    return b.states, b.times
+
+
+def _tracker(p: TrackerParams) -> RewardTracker:
+    return make_tracker(p.mode, buffer_size=p.buffer_size, min_count=p.min_count, global_std=p.global_std)
 
 
 class Rule(Protocol):
@@ -151,13 +173,21 @@ class ORWRule(_Stateless):
 
 class ACFlowRule:
     """AC-Flow [reconstructed]: shaped rewards, a critic at intermediate states, clipped
-    advantages, a critic warm-up, generalised critic weighting and the W2 term."""
+    advantages, a critic warm-up, generalised critic weighting and the W2 term.
+
+    The critic trains on ``critic_t_samples`` states per sample and step: interpolants (the
+    actor's draw first, then fresh t and ε per extra draw) or the rollout's recorded states at
+    grid indices drawn uniformly (``critic_states: rollout``; the actor's baseline is then the
+    value of the recorded state nearest the interpolant's t). Every draw is the whole batch's,
+    sliced to this learner's rows, so a learner group matches one learner."""
 
     def __init__(self, s: LearnerSettings, in_channels: int, cond_dim: int) -> None:
         self.p = s.ac_flow
+        if self.p.critic_t_samples < 1:
+            raise ValueError(f"critic_t_samples must be at least 1, got {self.p.critic_t_samples}")
         self.tracker = _tracker(self.p.tracker)
         torch.manual_seed(s.seed)
-        self.critic = ValueCritic(in_channels, cond_dim, width=self.p.critic_width)
+        self.critic = ValueCritic(in_channels, cond_dim, width=self.p.critic_width, norm=self.p.critic_norm)
         self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.p.critic_lr)
         self._trained: torch.nn.Module | None = None  # the critic as trained (DDP-wrapped in a group)
 
@@ -169,8 +199,14 @@ class ACFlowRule:
         shaped = shape_rewards(norm, self.p.shaping, self.p.shaping_limit)
         prep = draw_interpolants(ln, b)
         prep["target"] = shaped[b.mine]
+        prep.update(self._critic_draws(ln, b))
+        x_v, t_v = prep["x_t"], prep["t"]
+        if self.p.critic_states == "rollout":  # the recorded state nearest each interpolant's t
+            states, times = _recorded(b)
+            near = (times[None, :] - t_v[:, None]).abs().argmin(1)
+            x_v, t_v = states[torch.arange(states.shape[0], device=states.device), near], times[near]
         with torch.no_grad():  # each rank values its rows; the advantages are the whole batch's
-            value = ln.group.gather(self.critic(prep["x_t"], prep["t"], b.cond.pooled), b.total)
+            value = ln.group.gather(self.critic(x_v, t_v, b.cond.pooled), b.total)
         adv = shaped - value
         clip_frac = 0.0
         if self.p.advantage_clip is not None:
@@ -193,28 +229,55 @@ class ACFlowRule:
             v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
         return ac_flow_actor_loss(v, mb["u"], v_ref, mb["weights"], alpha=self.p.alpha)
 
+    def _critic_draws(self, ln: Learner, b: Batch) -> Prepared:
+        """The critic's states beyond the actor's interpolant: ``critic_x`` (n, k', C, H, W) and
+        ``critic_t`` (n, k'); none for one interpolant per sample (the behaviour before the option)."""
+        k = self.p.critic_t_samples
+        if self.p.critic_states == "rollout":
+            states, times = _recorded(b)
+            idx = torch.randint(times.shape[0], (b.total, k), generator=ln.generator)[b.mine].to(states.device)
+            return {"critic_x": states[torch.arange(states.shape[0], device=states.device)[:, None], idx],
+                    "critic_t": times[idx]}
+        if k == 1:
+            return {}
+        extra = [draw_interpolants(ln, b) for _ in range(k - 1)]
+        return {"critic_x": torch.stack([e["x_t"] for e in extra], 1), "critic_t": torch.stack([e["t"] for e in extra], 1)}
+
     def after_step(self, ln: Learner, p: Prepared) -> dict[str, float]:
         """Critic regression of r̃ on the batch's intermediate states (its own optimiser); in a
         learner group the critic trains data-parallel on every rank's rows (DDP averages its
-        gradients), so its state stays the same on every rank."""
+        gradients), so its state stays the same on every rank. Statistics of the last critic
+        step's predictions over all its rows: ``explained_variance`` and, per bucket of t,
+        ``explained_variance_t0`` … ``t3`` (0.0 for a bucket with < 2 rows or equal targets)."""
         out: dict[str, float] = {}
         g = ln.group
         if self._trained is None:  # wrapped on first use: DDP's construction is a collective
             self._trained = g.wrap(self.critic)
+        if self.p.critic_states == "rollout":
+            x, t = p["critic_x"], p["critic_t"]
+        elif "critic_x" in p:
+            x, t = torch.cat([p["x_t"][:, None], p["critic_x"]], 1), torch.cat([p["t"][:, None], p["critic_t"]], 1)
+        else:
+            x, t = p["x_t"][:, None], p["t"][:, None]
+        n, k = t.shape  # this learner's samples × the critic's states per sample
+        target = p["target"][:, None].expand(n, k)
+        flat_x, flat_t, pooled = x.reshape(n * k, *x.shape[2:]), t.reshape(n * k), p["pooled"].repeat_interleave(k, 0)
         for _ in range(self.p.critic_steps):
-            pred = self._trained(p["x_t"], p["t"], p["pooled"])
-            losses, st = critic_regression_loss(pred, p["target"])
+            pred = self._trained(flat_x, flat_t, pooled).reshape(n, k)
+            losses, _ = critic_regression_loss(pred, target)
             self.optimizer.zero_grad(set_to_none=True)
-            if g.distributed:  # Σ over the whole batch's rows / B; DDP divides by the ranks
-                total = int(g.sum([float(losses.shape[0])])[0])
-                (losses.sum() * (g.world_size / total)).backward()
-                _, st = critic_regression_loss(g.gather(pred.detach(), total), g.gather(p["target"], total))
-                loss = g.sum([losses.detach().sum().item()])[0] / total
+            if g.distributed:  # Σ over the whole batch's rows / (B·k); DDP divides by the ranks
+                total = int(g.sum([float(n)])[0])  # samples; rows are gathered per sample, (n, k)
+                (losses.sum() * (g.world_size / (total * k))).backward()
+                all_pred, all_target, all_t = (g.gather(v, total) for v in (pred.detach(), target.contiguous(), t))
+                loss = g.sum([losses.detach().sum().item()])[0] / (total * k)
             else:
                 losses.mean().backward()
                 loss = losses.mean().item()
+                all_pred, all_target, all_t = pred.detach(), target, t
             self.optimizer.step()
-            out = {"critic_loss": loss, "explained_variance": float(st["explained_variance"])}
+            out = {"critic_loss": loss, "explained_variance": explained_variance(all_pred, all_target),
+                   **explained_variance_by_t(all_pred, all_target, all_t)}
         return out
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -239,7 +302,7 @@ class ACFlowRule:
 class _TrackedRule:
     """Shared by the advantage-based rules: a per-prompt tracker whose state is saved."""
 
-    tracker: PerPromptStatTracker
+    tracker: RewardTracker
 
     def to(self, device: torch.device) -> None:
         return None
@@ -285,68 +348,196 @@ class AdvantageFlowRule(_TrackedRule):
                                    lam=self.p.lam, adaptive_norm=self.p.adaptive_norm)
 
 
+class AWMRule(_TrackedRule):
+    """AWM [code]: a PPO ratio on the flow-matching log-likelihood, weighted by the advantage,
+    at ``t_samples`` times per sample (fresh t and ε each; rows draw-major, as the release
+    concatenates its time draws), plus KLs to the reference and to π_old.
+
+    The released code's second KL is to an EMA adapter of the learner; here it is to π_old,
+    the learner's one lagged copy (an EMA with ``learner.rollout_update: ema``)."""
+
+    def __init__(self, s: LearnerSettings) -> None:
+        self.p = s.awm
+        if self.p.t_samples < 1:
+            raise ValueError(f"awm t_samples must be at least 1, got {self.p.t_samples}")
+        self.tracker = _tracker(self.p.tracker)
+
+    def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
+        adv, stats = self.advantages(b, self.p.advantage_clip)
+        draws = [draw_interpolants(ln, b) for _ in range(self.p.t_samples)]
+        prep = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+        # released: clamp(A, ±adv_clip_max) / adv_clip_max · advantage_max
+        prep["advantages"] = (adv * (self.p.advantage_max / self.p.advantage_clip)).repeat(self.p.t_samples)
+        with torch.no_grad():
+            c = cond_of(prep)
+            prep["v_old"] = ln.rollout(prep["x_t"], prep["t"], c)
+            prep["old_log_prob"] = awm_log_prob(prep["v_old"], prep["u"], prep["t"], weighting=self.p.weighting,
+                                                power=self.p.ghuber_power)  # float64, as released
+            prep["v_ref"] = ln.reference(prep["x_t"], prep["t"], c) if self.p.beta > 0 else prep["v_old"]
+        return prep, stats, True
+
+    def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        v = ln.actor(mb["x_t"], mb["t"], cond_of(mb))
+        return awm_loss(v, mb["u"], mb["t"], mb["advantages"], mb["old_log_prob"], weighting=self.p.weighting,
+                        power=self.p.ghuber_power, clip_range=self.p.clip_range, v_ref=mb["v_ref"],
+                        beta=self.p.beta, v_old=mb["v_old"], old_beta=self.p.ema_beta)
+
+
 class DiffusionNFTRule(_TrackedRule):
-    """DiffusionNFT [code]: r·‖v⁺ − u‖² + (1 − r)·‖v⁻ − u‖² around the old policy."""
+    """DiffusionNFT [code]: implicit positive/negative policies around the old policy, in x0
+    space with adaptive weights (``loss: released``) or in velocity space (``velocity``).
+
+    ``times: grid`` (the release): every sample is trained at int(K·timestep_fraction) distinct
+    times of its rollout grid, each with fresh noise; each (sample, time) pair is one row of the
+    loss, so the learner's mean over rows is the release's mean over samples and times.
+    ``uniform``: one t ~ U(0, 1) per sample. The old policy's and the reference's velocities are
+    computed per micro-batch, without gradient."""
 
     def __init__(self, s: LearnerSettings) -> None:
         self.p = s.diffusion_nft
         self.tracker = _tracker(self.p.tracker)
 
+    def _grid_interpolants(self, ln: Learner, b: Batch) -> Prepared:
+        """Rows (sample i, its j-th time) sample-major; like draw_interpolants, the whole batch's
+        times and noise are drawn on every rank and each keeps its own samples' rows."""
+        if b.times is None:
+            raise ValueError("diffusion_nft times: grid needs the rollouts' time grid (Trajectory.times)")
+        t = nft_training_times(b.times, b.total, self.p.timestep_fraction, ln.generator)  # (B, M)
+        m = t.shape[1]
+        eps = torch.randn((b.total, m, *b.x0.shape[1:]), generator=ln.generator)
+        dev = b.x0.device
+        t, eps = t[b.mine].reshape(-1).to(dev), eps[b.mine].flatten(0, 1).to(dev)
+        x0 = b.x0.repeat_interleave(m, 0)
+        return {"x0": x0, "t": t, "x_t": interpolate(x0, eps, t), "u": velocity_target(x0, eps),
+                "tokens": b.cond.tokens.repeat_interleave(m, 0), "pooled": b.cond.pooled.repeat_interleave(m, 0)}
+
     def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
-        prep = draw_interpolants(ln, b)
+        prep = self._grid_interpolants(ln, b) if self.p.times == "grid" else draw_interpolants(ln, b)
         adv, stats = self.advantages(b, self.p.advantage_clip)
-        prep["r"] = nft_optimality(adv, self.p.advantage_clip)
-        with torch.no_grad():
-            prep["v_old"] = ln.rollout(prep["x_t"], prep["t"], b.cond)
-            prep["v_ref"] = ln.reference(prep["x_t"], prep["t"], b.cond) if self.p.ref_weight > 0 else prep["v_old"]
+        m = prep["x0"].shape[0] // adv.shape[0]  # rows per sample
+        prep["r"] = nft_optimality(adv, self.p.advantage_clip).repeat_interleave(m)
         return prep, stats, True
 
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        v = ln.actor(mb["x_t"], mb["t"], cond_of(mb))
-        return diffusion_nft_loss(v, mb["v_old"], mb["u"], mb["r"], beta=self.p.beta,
-                                  v_ref=mb["v_ref"] if self.p.ref_weight > 0 else None, ref_weight=self.p.ref_weight)
+        c = cond_of(mb)
+        with torch.no_grad():
+            v_old = ln.rollout(mb["x_t"], mb["t"], c)
+            v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.ref_weight > 0 else None
+        v = ln.actor(mb["x_t"], mb["t"], c)
+        if self.p.loss == "released":
+            return diffusion_nft_released_loss(v, v_old, mb["x_t"], mb["t"], mb["x0"], mb["r"], beta=self.p.beta,
+                                               a_max=self.p.advantage_clip, v_ref=v_ref, ref_weight=self.p.ref_weight)
+        return diffusion_nft_loss(v, v_old, mb["u"], mb["r"], beta=self.p.beta, v_ref=v_ref,
+                                  ref_weight=self.p.ref_weight)
 
 
 class FlowGRPORule(_TrackedRule):
-    """Flow-GRPO: the clipped ratio of each recorded SDE step, plus a KL to the reference.
+    """Flow-GRPO as released [code]: the clipped ratio of each trained SDE step, plus a KL to
+    the reference.
 
-    Every (sample, step) pair is one row, so micro-batches cut across steps freely.
+    Every (sample, step) pair is one row, so micro-batches cut across steps freely. Trained
+    rows: the recorded steps (a finite log-prob: Flow-GRPO-Fast records its window only) among
+    the first int(K·timestep_fraction), of the samples whose advantage is not 0 (see
+    ``learner.objectives.flow_grpo``). With CFG rollouts the learner recomputes the log-prob
+    under the same guidance, the unconditional prompt from ``ln.encode([""])``.
     """
 
     def __init__(self, s: LearnerSettings) -> None:
         self.p = s.flow_grpo
         self.tracker = _tracker(self.p.tracker)
+        self._uncond: PromptEmbeddings | None = None
+        # the release cuts each pass over the batch into minibatches, one optimiser step each
+        self.steps_per_batch = self.p.minibatches
+        self._seen: weakref.ref[Batch] | None = None  # the batch the cache below belongs to
+        self._cache: tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None = None
+        self._calls = 0
+        self._order: torch.Tensor | None = None
+
+    def _uncond_rows(self, ln: Learner, n: int) -> PromptEmbeddings | None:
+        """The unconditional prompt's embeddings for n rows on the learner's device (encoded once)."""
+        if self.p.cfg_scale == 1.0:
+            return None
+        if self._uncond is None:
+            self._uncond = ln.encode([""]).to(ln.device)
+        u = self._uncond
+        return PromptEmbeddings(u.tokens.expand(n, *u.tokens.shape[1:]), u.pooled.expand(n, *u.pooled.shape[1:]))
 
     def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
         if b.states is None or b.log_probs is None or b.times is None or b.states.shape[1] < 2:
             raise ValueError("flow_grpo needs SDE rollouts with recorded states and log-probs "
-                             "(policy.sampler: sde, rollout.keep_states: true)")
-        adv, stats = self.advantages(b, self.p.advantage_clip)
-        bsz, k = b.log_probs.shape  # this learner's rollouts
-        rows = bsz * k
-        flat = lambda x: x.reshape(rows, *x.shape[2:])  # noqa: E731 - (B, K, ...) → (B·K, ...)
+                             "(policy.sampler: sde or sde_cps, rollout.keep_states: true)")
+        m = self.p.minibatches
+        if self._cache is None or self._seen is None or self._seen() is not b:
+            # a new batch: its advantages and kept samples, once, over the whole batch (the learner's
+            # generator is in step on every rank, so every rank keeps the same samples)
+            whole, tstats = self.tracker.normalize(b.prompts, b.rewards)
+            whole, frac = clip_advantages(whole, self.p.advantage_clip)
+            keep = (nonzero_advantage_mask(whole, m, ln.generator) if self.p.filter_zero_advantage
+                    else torch.ones_like(whole, dtype=torch.bool))
+            self._cache = (whole, keep, {"adv_std": float(whole.std()), "adv_clip_fraction": frac,
+                                         "zero_spread_groups": tstats["zero_spread_groups"],
+                                         "zero_advantage_fraction": float((whole == 0).float().mean())})
+            self._seen, self._calls = weakref.ref(b), 0
+        whole, keep, stats = self._cache[0], self._cache[1], dict(self._cache[2])
+        if m > 1:  # each pass: the kept samples shuffled and cut into m equal parts [code]
+            if self._calls % m == 0:
+                kept = torch.nonzero(keep).flatten()
+                self._order = kept[torch.randperm(kept.numel(), generator=ln.generator).to(kept.device)]
+            assert self._order is not None
+            part, n = self._calls % m, self._order.numel()
+            keep = torch.zeros_like(keep)
+            keep[self._order[n * part // m:n * (part + 1) // m]] = True
+        self._calls += 1
+        adv_all = whole[b.mine]
+        k = b.log_probs.shape[1]
+        dev = b.log_probs.device
+        trained = torch.isfinite(b.log_probs)  # Fast: only the window's steps are recorded
+        trained[:, num_train_timesteps(k, self.p.timestep_fraction):] = False
+        trained &= keep[b.mine].to(dev)[:, None]
+        sample, step = torch.nonzero(trained, as_tuple=True)
+        weight = torch.ones(sample.shape[0], device=dev)
+        g = ln.group
+        if g.distributed and sample.numel() == 0:
+            # a rank with no trained row still makes its forwards: one recorded step with weight 0
+            sample, step = (i[:1] for i in torch.nonzero(torch.isfinite(b.log_probs), as_tuple=True))
+            weight = torch.zeros(1, device=dev)
+        if g.distributed:  # the learner divides by every rank's rows; the mean is over real ones
+            rows_all, real_all = g.sum([float(weight.numel()), float(weight.sum())])
+            weight = weight * (rows_all / max(real_all, 1.0))
+        if sample.numel() == 0:
+            raise ValueError(f"flow_grpo has no step to train in this batch: the recorded steps lie beyond the first "
+                             f"int(K·timestep_fraction) = {num_train_timesteps(k, self.p.timestep_fraction)} of {k}")
+        if self.p.step_kind == "cps" and self.p.kl_beta > 0 and bool((b.times[step + 1] == 0).any()):
+            raise ValueError("flow_grpo's KL divides by the cps std s·sin(aπ/2), 0 on the step into t = 0: "
+                             "train fewer steps (timestep_fraction < 1 or a window before the last step) or kl_beta 0")
+        x_t, x_s = b.states[sample, step], b.states[sample, step + 1]
         prep = {
-            "x_t": flat(b.states[:, :-1]), "x_s": flat(b.states[:, 1:]),
-            "t": b.times[:-1].repeat(bsz), "s": b.times[1:].repeat(bsz),
-            "old_log_prob": b.log_probs.reshape(rows), "advantages": adv.repeat_interleave(k),
-            "tokens": b.cond.tokens.repeat_interleave(k, 0), "pooled": b.cond.pooled.repeat_interleave(k, 0),
-            "t_max": torch.full((rows,), grid_t_max(b.times), device=b.log_probs.device),
+            "x_t": x_t, "x_s": x_s, "t": b.times[step], "s": b.times[step + 1],
+            "old_log_prob": b.log_probs[sample, step], "advantages": adv_all[sample], "weight": weight,
+            "tokens": b.cond.tokens[sample], "pooled": b.cond.pooled[sample],
+            "t_max": torch.full((sample.shape[0],), grid_t_max(b.times), device=dev),
         }
         return prep, stats, True
 
+    def _velocity(self, ln: Learner, model: torch.nn.Module, mb: Prepared) -> torch.Tensor:
+        c = cond_of(mb)
+        return guided_velocity(model, mb["x_t"], mb["t"], c, self._uncond_rows(ln, mb["x_t"].shape[0]),
+                               self.p.cfg_scale, detach_uncond=self.p.detach_uncond)
+
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        c, t_max = cond_of(mb), float(mb["t_max"][0])
-        mean, std = sde_step_mean_std(mb["x_t"], mb["t"], mb["s"], ln.actor(mb["x_t"], mb["t"], c),
-                                      self.p.sde_a, t_max=t_max)
-        log_prob = gaussian_log_prob(mb["x_s"], mean, std)
-        mean_ref = None
+        kind, a, t_max = self.p.step_kind, self.p.sde_a, float(mb["t_max"][0])
+        mean, std = step_mean_std(kind, mb["x_t"], mb["t"], mb["s"], self._velocity(ln, ln.actor, mb), a, t_max=t_max)
+        log_prob = step_log_prob(kind, mb["x_s"], mean, std)
+        mean_ref, kl_std = None, None
         if self.p.kl_beta > 0:
             with torch.no_grad():
-                mean_ref, _ = sde_step_mean_std(mb["x_t"], mb["t"], mb["s"], ln.reference(mb["x_t"], mb["t"], c),
-                                                self.p.sde_a, t_max=t_max)
-        return flow_grpo_loss(log_prob, mb["old_log_prob"], mb["advantages"], clip_eps=self.p.clip_eps,
-                              mean_theta=mean, mean_ref=mean_ref, std=std if self.p.kl_beta > 0 else None,
-                              kl_beta=self.p.kl_beta)
+                mean_ref, _ = step_mean_std(kind, mb["x_t"], mb["t"], mb["s"], self._velocity(ln, ln.reference, mb),
+                                            a, t_max=t_max)
+            # the release divides by 2σ_t² (its std_dev_t); "step": by the step's variance
+            kl_std = noise_level(mb["t"], mb["s"], a, kind, t_max=t_max) if self.p.kl_std == "noise_level" else std
+        losses, stats = flow_grpo_loss(log_prob, mb["old_log_prob"], mb["advantages"], clip_eps=self.p.clip_eps,
+                                       mean_theta=mean, mean_ref=mean_ref, std=kl_std, kl_beta=self.p.kl_beta)
+        return losses * mb["weight"], stats
 
 
 def build_rule(s: LearnerSettings, in_channels: int, cond_dim: int) -> Rule:
@@ -357,6 +548,7 @@ def build_rule(s: LearnerSettings, in_channels: int, cond_dim: int) -> Rule:
         "advantage_flow": lambda: AdvantageFlowRule(s),
         "diffusion_nft": lambda: DiffusionNFTRule(s),
         "flow_grpo": lambda: FlowGRPORule(s),
+        "awm": lambda: AWMRule(s),
     }
     if s.objective not in table:
         raise ValueError(f"unknown objective {s.objective!r}; valid: {', '.join(sorted(table))}")

@@ -34,6 +34,13 @@ def _digits_classifier(model_path: str | Path | None) -> Reward:
     return DigitsClassifierReward(model_path or CLASSIFIER_FILE)
 
 
+def _compose(model_path: str | Path | None) -> Reward:
+    from reward_workers.compose import ComposeReward
+    from reward_workers.digits import CLASSIFIER_FILE
+
+    return ComposeReward(model_path or CLASSIFIER_FILE)
+
+
 def _clip(model_path: str | Path | None) -> Reward:
     from reward_workers.clip import CLIPScoreReward
 
@@ -76,6 +83,7 @@ def _target_image(model_path: str | Path | None) -> Reward:
 
 REWARDS: dict[str, Callable[[str | Path | None], Reward]] = {
     "digits_classifier": _digits_classifier,
+    "compose": _compose,
     "clip": _clip,
     "pickscore": _pickscore,
     "aesthetic": _aesthetic,

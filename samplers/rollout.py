@@ -16,13 +16,21 @@ def guided_velocity(
     cond: PromptEmbeddings,
     uncond: PromptEmbeddings | None,
     cfg_scale: float,
+    *,
+    detach_uncond: bool = False,
 ) -> torch.Tensor:
-    """v = v_u + s·(v_c − v_u), conditional and unconditional passes batched together."""
-    tb = t.expand(x_t.shape[0])
+    """v = v_u + s·(v_c − v_u), conditional and unconditional passes batched together.
+
+    t: a scalar tensor or (B,) per-sample times. ``detach_uncond`` stops the gradient through
+    v_u (Flow-GRPO's learner, ``scripts/train_sd3.py`` @ ac4c86e L190 [code]); the value is
+    the same either way."""
+    tb = t.reshape(()).expand(x_t.shape[0]) if t.numel() == 1 else t
     if cfg_scale == 1.0 or uncond is None:
         return model(x_t, tb, cond)
     both = PromptEmbeddings(torch.cat([uncond.tokens, cond.tokens]), torch.cat([uncond.pooled, cond.pooled]))
     v_u, v_c = model(torch.cat([x_t, x_t]), torch.cat([tb, tb]), both).chunk(2)
+    if detach_uncond:
+        v_u = v_u.detach()
     return v_u + cfg_scale * (v_c - v_u)
 
 

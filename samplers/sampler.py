@@ -9,7 +9,7 @@ import torch
 
 from samplers.policy import SD3Velocity, published_state, state_checksum
 from samplers.rollout import euler_rollout
-from samplers.sde import sde_rollout
+from samplers.sde import draw_window, sde_rollout
 from samplers.text import PromptEmbeddings
 from samplers.trajectory import Trajectory
 
@@ -18,8 +18,21 @@ class WeightsMismatch(ValueError):
     """Published weights whose checksum does not match their bytes."""
 
 
+KINDS = ("ode", "sde", "sde_cps")
+"""Sampler kinds: the Euler ODE, Flow-GRPO's SDE, the release's coefficients-preserving SDE."""
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown sampler kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
 class Sampler:
-    """Rolls out ``velocity`` with the Euler ODE sampler.
+    """Rolls out ``velocity`` with the Euler ODE sampler or a Flow-GRPO SDE (``kind``).
+
+    ``sde_window`` = (size, lo, hi): Flow-GRPO-Fast, only ``size`` consecutive steps starting
+    at a w0 drawn uniformly from {lo, …, hi − size} per rollout call are stochastic and
+    recorded (samplers/sde.py); None: every step of an SDE rollout is.
 
     encode: prompt strings → embeddings (the empty string is the unconditional prompt);
     decode: final samples (B, C, H, W) → uint8 images (B, H', W', C') for rewards.
@@ -40,9 +53,11 @@ class Sampler:
         keep_states: bool = True,
         kind: str = "ode",
         sde_a: float = 0.7,
+        sde_window: tuple[int, int, int] | None = None,
     ) -> None:
-        if kind not in ("ode", "sde"):
-            raise ValueError(f"unknown sampler kind {kind!r}; valid: 'ode', 'sde'")
+        _check_kind(kind)
+        if sde_window is not None:
+            draw_window(num_steps, *sde_window)  # refuses a window that does not fit
         self.velocity = velocity.eval().requires_grad_(False)
         self.encode = encode
         self.decode = decode
@@ -53,6 +68,7 @@ class Sampler:
         self.keep_states = keep_states
         self.kind = kind
         self.sde_a = sde_a
+        self.sde_window = sde_window
         self.version = 0
         self.checksum = state_checksum(published_state(self.velocity))  # as the learner publishes it
 
@@ -89,8 +105,7 @@ class Sampler:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cfg = self.cfg_scale if cfg_scale is None else cfg_scale
         kind = self.kind if kind is None else kind
-        if kind not in ("ode", "sde"):
-            raise ValueError(f"unknown sampler kind {kind!r}; valid: 'ode', 'sde'")
+        _check_kind(kind)
         noise = torch.cat([
             torch.randn((samples_per_prompt, *self.latent_shape), generator=torch.Generator().manual_seed(int(s)))
             for s in seeds
@@ -104,13 +119,15 @@ class Sampler:
         cond = self.encode(list(prompts)).index(prompt_ids).to(param.device)
         uncond = self.encode([""] * len(prompt_ids)).to(param.device) if cfg != 1.0 else None
         log_probs = None
-        if kind == "sde":
-            # step noise from one generator seeded by all the prompts' seeds: SDE batches,
-            # unlike ODE ones, depend on how prompts are divided among samplers
+        if kind != "ode":
+            # step noise (and the Fast window) from one generator seeded by all the prompts' seeds:
+            # SDE batches, unlike ODE ones, depend on how prompts are divided among samplers
             g = torch.Generator().manual_seed(int(sum(int(z) * (i + 1) for i, z in enumerate(seeds)) % (2**63)))
+            window = None if self.sde_window is None else draw_window(self.num_steps, *self.sde_window, generator=g)
             states, times, log_probs = sde_rollout(
                 self.velocity, x1, cond, num_steps=self.num_steps, shift=self.shift, a=self.sde_a,
-                cfg_scale=cfg, uncond=uncond, generator=g,
+                cfg_scale=cfg, uncond=uncond, generator=g, kind="cps" if kind == "sde_cps" else "sde",
+                window=window,
             )
             log_probs = log_probs.float().cpu()
         else:

@@ -32,15 +32,34 @@ Choices, with their sources:
 - Log-probs are the full Gaussian density averaged (not summed) over the non-batch
   dimensions [code]. The step is computed in at least float32 [code: "bf16 can
   overflow here"] and states are stored in float32.
+
+Released code followed ([code] labels; yifan123/flow_grpo):
+- ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`` @ 54809b5 (``sde_step_with_logprob``):
+  L46 σ cap ``sigmas[1]``; L50 noise level σ_t (its ``std_dev_t``, the KL's divisor); L53 the
+  SDE mean; L62 the sample; L64–68 the log-density; L89 the mean over dimensions.
+- Same file, the ``sde_type == "cps"`` branch (coefficients-preserving sampling), L70–86:
+  std = s·sin(a·π/2) (L71), x̂0 = x_t − t·v (L72), x̂1 = x_t + (1 − t)·v (L73),
+  mean = (1 − s)·x̂0 + sqrt(s² − std²)·x̂1 (L74), x_s = mean + std·z (L83) and the
+  "log-prob" −(x_s − mean)² with every constant and the 1/(2·std²) scale dropped (L85–86),
+  then averaged over dimensions (L89). ``cps_log_prob`` transcribes exactly that; sampler and
+  learner both use it, so the ratio exp(log p_θ − log p_old) is the release's.
+- Flow-GRPO-Fast (``flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py``, the SD3
+  pipeline of ``scripts/train_sd3_fast.py`` @ 74db691): one window [w0, w0 + size) of
+  stochastic steps per pipeline call, w0 = ``random.randint(lo, hi − size)`` (both ends
+  inclusive); every other step runs with noise level 0, which for both kinds is the Euler
+  step; states and log-probs are kept for the window only. Here ``sde_rollout(window=...)``
+  keeps every state (the trajectory contract) and marks the log-probs of ODE steps NaN
+  ("not recorded"); ``draw_window`` draws w0 as the release does.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
-from samplers.flow import broadcast_time, sampling_sigmas
+from samplers.flow import broadcast_time, euler_step, sampling_sigmas
 from samplers.policy import VelocityModel
 from samplers.rollout import guided_velocity
 from samplers.text import PromptEmbeddings
@@ -49,6 +68,10 @@ DEFAULT_T_MAX = 1.0 - 1e-3
 """Cap on t in σ_t's denominator for calls without a grid; a finiteness guard only."""
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+StepKind = Literal["sde", "cps"]
+"""Flow-GRPO's SDE step, or the release's coefficients-preserving step (``sde_type``)."""
+STEP_KINDS: tuple[str, ...] = ("sde", "cps")
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +127,77 @@ def sde_step_mean_std(
     return mean, sigma * torch.sqrt(-dt)
 
 
+def noise_level(t: torch.Tensor, s: torch.Tensor, a: float, kind: StepKind, *,
+                t_max: float = DEFAULT_T_MAX) -> torch.Tensor:
+    """The release's ``std_dev_t`` [code]: what its KL divides by (2·std_dev_t²).
+
+    sde: σ_t = a·sqrt(t / (1 − min(t, t_max))) (sd3_sde_with_logprob.py L50), without the
+    step's sqrt(|Δt|); cps: s·sin(a·π/2) (L71), which is the cps step's std itself.
+    t, s: tensors of the same shape (any); returns that shape.
+    """
+    if kind == "cps":
+        return torch.as_tensor(s) * math.sin(a * math.pi / 2.0)
+    return sde_sigma(torch.as_tensor(t), a, t_max=t_max)
+
+
+def cps_step_mean_std(
+    x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor, a: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the release's coefficients-preserving step from t to s < t [code].
+
+    x_t, v: (B, C, H, W); t, s: (B,) or scalars. With std = s·sin(a·π/2),
+    x̂0 = x_t − t·v and x̂1 = x_t + (1 − t)·v:  mean = (1 − s)·x̂0 + sqrt(s² − std²)·x̂1
+    (sd3_sde_with_logprob.py L71–74). a = 0 gives the Euler step x_t + (s − t)·v.
+    Returns mean (B, C, H, W) and std shaped to broadcast over x_t.
+    """
+    x_t, v = _wide(x_t), _wide(v)
+    tb = broadcast_time(torch.as_tensor(t), x_t)
+    sb = broadcast_time(torch.as_tensor(s), x_t)
+    std = sb * math.sin(a * math.pi / 2.0)
+    x0_hat, x1_hat = x_t - tb * v, x_t + (1.0 - tb) * v
+    mean = x0_hat * (1.0 - sb) + x1_hat * torch.sqrt((sb.pow(2) - std.pow(2)).clamp(min=0.0))
+    return mean, std
+
+
+def cps_log_prob(x_s: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The release's cps "log-prob": −(x_s − mean)² averaged over the non-batch dimensions.
+
+    Every constant and the 1/(2·std²) scale are dropped, as in sd3_sde_with_logprob.py
+    L85–86 and L89 [code]; it is not a normalised density. x_s, mean: (B, ...); returns (B,).
+    """
+    return -(x_s - mean).pow(2).flatten(1).mean(1)
+
+
+def step_mean_std(
+    kind: StepKind, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor, a: float, *,
+    t_max: float = DEFAULT_T_MAX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's mean and std for ``kind`` (``sde_step_mean_std`` or ``cps_step_mean_std``)."""
+    if kind == "cps":
+        return cps_step_mean_std(x_t, t, s, v, a)
+    if kind == "sde":
+        return sde_step_mean_std(x_t, t, s, v, a, t_max=t_max)
+    raise ValueError(f"unknown step kind {kind!r}; valid: {', '.join(STEP_KINDS)}")
+
+
+def step_log_prob(kind: StepKind, x_s: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B,) the per-step log-prob the release records for ``kind`` (Gaussian, or cps's)."""
+    return cps_log_prob(x_s, mean) if kind == "cps" else gaussian_log_prob(x_s, mean, std)
+
+
+def draw_window(num_steps: int, size: int, lo: int, hi: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Flow-GRPO-Fast's SDE window [w0, w0 + size): w0 uniform in {lo, …, hi − size} [code].
+
+    The release draws ``random.randint(lo, hi − size)`` once per pipeline call
+    (sd3_pipeline_with_logprob_fast.py); here from ``generator``. Raises unless
+    0 ≤ lo, hi ≤ num_steps and 1 ≤ size ≤ hi − lo.
+    """
+    if not (0 <= lo and hi <= num_steps and 1 <= size <= hi - lo):
+        raise ValueError(f"an SDE window of {size} steps in [{lo}, {hi}) does not fit {num_steps} steps")
+    w0 = int(torch.randint(lo, hi - size + 1, (1,), generator=generator))
+    return w0, w0 + size
+
+
 def gaussian_log_prob(x_s: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(x_s; mean, std²) per element, averaged over the non-batch dimensions [code].
 
@@ -128,23 +222,27 @@ def sde_transition(
     cfg_scale: float = 1.0,
     uncond: PromptEmbeddings | None = None,
     generator: torch.Generator | None = None,
+    kind: StepKind = "sde",
+    detach_uncond: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One SDE step of ``model``: (x_s, log_prob (B,), mean, std).
+    """One stochastic step of ``model``: (x_s, log_prob (B,), mean, std).
 
     With x_s None the step is sampled (noise from ``generator``); otherwise the given
     x_s is scored, which is the learner's path: gradients reach the model through
-    ``mean`` when called under grad. t, s: scalar tensors of the grid; t_max from
-    ``grid_t_max``. The mean is returned for Flow-GRPO's KL term to the reference.
+    ``mean`` when called under grad. t, s: scalar tensors of the grid (or (B,)); t_max from
+    ``grid_t_max``; kind "sde" (Gaussian log-density) or "cps" (the release's cps score).
+    CFG as ``guided_velocity`` (``detach_uncond``: no gradient through the unconditional
+    branch). The mean is returned for Flow-GRPO's KL term to the reference.
     """
-    v = guided_velocity(model, x_t, t, cond, uncond, cfg_scale)
-    mean, std = sde_step_mean_std(x_t, t, s, v, a, t_max=t_max)
+    v = guided_velocity(model, x_t, t, cond, uncond, cfg_scale, detach_uncond=detach_uncond)
+    mean, std = step_mean_std(kind, x_t, t, s, v, a, t_max=t_max)
     if x_s is None:
         z = torch.randn(
             mean.shape, generator=generator, dtype=mean.dtype,
             device=generator.device if generator is not None else mean.device,
         ).to(mean.device)
         x_s = (mean + std * z).to(torch.float32)
-    return x_s, gaussian_log_prob(_wide(x_s), mean, std), mean, std
+    return x_s, step_log_prob(kind, _wide(x_s), mean, std), mean, std
 
 
 def _check(a: float, cfg_scale: float, uncond: PromptEmbeddings | None) -> None:
@@ -166,26 +264,36 @@ def sde_rollout(
     cfg_scale: float = 1.0,
     uncond: PromptEmbeddings | None = None,
     generator: torch.Generator | None = None,
+    kind: StepKind = "sde",
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample from t = 1 to t = 0 with Flow-GRPO's SDE, recording every step's log-prob.
+    """Sample from t = 1 to t = 0 with Flow-GRPO's SDE (or cps) steps, recording their log-probs.
 
     noise: (B, C, H, W) the initial x_1; cond / uncond: embeddings of B prompts
     (uncond needed when cfg_scale ≠ 1; CFG as in ``guided_velocity``); the step noise
-    comes from ``generator``. Returns states (B, K + 1, C, H, W) float32 with
-    states[:, 0] = noise and states[:, K] the sample, times (K + 1,) the grid of
-    ``sampling_sigmas(num_steps, shift)``, and log_probs (B, K) with log_probs[:, k]
-    the log-density of states[:, k + 1] given states[:, k].
+    comes from ``generator``. ``window`` = (w0, w1): only steps w0 ≤ k < w1 are stochastic
+    and recorded, the others are Euler steps with log-prob NaN (Flow-GRPO-Fast); None: every
+    step. Returns states (B, K + 1, C, H, W) float32 with states[:, 0] = noise and
+    states[:, K] the sample, times (K + 1,) the grid of ``sampling_sigmas(num_steps, shift)``,
+    and log_probs (B, K) with log_probs[:, k] the log-prob of states[:, k + 1] given states[:, k].
     """
     _check(a, cfg_scale, uncond)
+    if window is not None and not 0 <= window[0] < window[1] <= num_steps:
+        raise ValueError(f"window {window} is not within the {num_steps} steps")
     times = sampling_sigmas(num_steps, shift).to(noise.device)
     t_max = grid_t_max(times)
     x = noise.to(torch.float32)
     states, log_probs = [x], []
     for k in range(num_steps):
-        x, logp, _, _ = sde_transition(
-            model, x, None, times[k], times[k + 1], cond,
-            a=a, t_max=t_max, cfg_scale=cfg_scale, uncond=uncond, generator=generator,
-        )
+        if window is None or window[0] <= k < window[1]:
+            x, logp, _, _ = sde_transition(
+                model, x, None, times[k], times[k + 1], cond,
+                a=a, t_max=t_max, cfg_scale=cfg_scale, uncond=uncond, generator=generator, kind=kind,
+            )
+        else:  # noise level 0 outside the window: the Euler step, nothing recorded [code]
+            v = guided_velocity(model, x, times[k], cond, uncond, cfg_scale)
+            x = euler_step(x, times[k], times[k + 1], _wide(v)).to(torch.float32)
+            logp = torch.full((x.shape[0],), float("nan"), device=x.device)
         states.append(x)
         log_probs.append(logp)
     return torch.stack(states, dim=1), times, torch.stack(log_probs, dim=1)
@@ -200,11 +308,12 @@ def recompute_log_probs(
     a: float,
     cfg_scale: float = 1.0,
     uncond: PromptEmbeddings | None = None,
+    kind: StepKind = "sde",
 ) -> torch.Tensor:
     """The (B, K) log-probs of recorded transitions under ``model``'s current weights.
 
     states (B, K + 1, C, H, W) and times (K + 1,) as returned by ``sde_rollout``; a,
-    cfg_scale and uncond must be the sampler's. Differentiable when called under
+    cfg_scale, uncond and kind must be the sampler's. Differentiable when called under
     grad. Holding all K steps' graphs at once costs memory; a learner that backpropagates
     step by step calls ``sde_transition`` per step with ``grid_t_max(times)``.
     """
@@ -216,7 +325,7 @@ def recompute_log_probs(
     for k in range(times.shape[0] - 1):
         _, logp, _, _ = sde_transition(
             model, states[:, k], states[:, k + 1], times[k], times[k + 1], cond,
-            a=a, t_max=t_max, cfg_scale=cfg_scale, uncond=uncond,
+            a=a, t_max=t_max, cfg_scale=cfg_scale, uncond=uncond, kind=kind,
         )
         out.append(logp)
     return torch.stack(out, dim=1)

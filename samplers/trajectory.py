@@ -24,7 +24,8 @@ class Trajectory:
     prompts:    the distinct prompt strings of this batch.
     version:    the policy version that produced every rollout here.
     cfg_scale:  classifier-free guidance scale used (1.0 = CFG-free).
-    log_probs:  (B, K) float32 per-step transition log-probs (SDE samplers only), else None.
+    log_probs:  (B, K) float32 per-step transition log-probs (SDE samplers only), else None;
+                NaN at a step not recorded (Flow-GRPO-Fast: the Euler steps outside its window).
     """
 
     noise: torch.Tensor

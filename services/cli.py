@@ -230,6 +230,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_compose(args: argparse.Namespace) -> int:
+    from services.pretrain_compose import pretrain_compose
+
+    pretrain_compose(Path(args.out), steps=args.steps, seed=args.seed, eval_samples=args.eval_samples,
+                     canvases=args.canvases)
+    return 0
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from reward_workers.digits import HeldoutSVM, load_split, save_classifier, train_classifier
 
@@ -301,6 +309,7 @@ def cmd_reward_worker(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from reward_workers.digits import CLASSIFIER_FILE
     from reward_workers.registry import DIGITS_CLIP_DIR
+    from samplers.compose import POLICY_FILE as COMPOSE_POLICY_FILE
     from samplers.digits import POLICY_FILE
 
     p = _Parser(prog="fmrl", description="Online RL fine-tuning of flow-matching text-to-image models.",
@@ -373,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--eval-samples", type=_count(1, 1024), default=50,
                     help="samples per digit in the closing measurement")
     pt.set_defaults(func=cmd_pretrain)
+
+    pc = sub.add_parser("pretrain-compose", help="pretrain the compositional digits policy by flow matching "
+                        "(docs/compose.md)")
+    pc.add_argument("--out", default=str(COMPOSE_POLICY_FILE))
+    pc.add_argument("--steps", type=_count(1, 10**7), default=1500,
+                    help="optimiser steps; the shipped model is deliberately short-trained (docs/compose.md)")
+    pc.add_argument("--seed", type=_SEED, default=0)
+    pc.add_argument("--eval-samples", type=_count(0, 1024), default=16,
+                    help="samples per evaluation prompt in the closing measurement (0: none)")
+    pc.add_argument("--canvases", type=_count(1, 10**7), default=20_000,
+                    help="random compositions (with their true prompts) the flow matching draws from")
+    pc.set_defaults(func=cmd_pretrain_compose)
 
     tc = sub.add_parser("train-classifier", help="train the digits reward classifier")
     tc.add_argument("--out", default=str(CLASSIFIER_FILE))

@@ -30,6 +30,7 @@ from pydantic import (
 from learner.settings import (
     ACFlowParams,
     AdvantageFlowParams,
+    AWMParams,
     DiffusionNFTParams,
     FlowGRPOParams,
     LearnerSettings,
@@ -124,9 +125,12 @@ class LoRAConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    kind: Literal["digits", "sd3"] = Field("digits", description="The policy family: the embedded digits world, "
-                                           "or a Stable Diffusion 3 pipeline (policy.pretrained).")
-    checkpoint: Path | None = Field(None, description="digits: policy safetensors to start from; default: the shipped digits model.")
+    kind: Literal["digits", "compose", "sd3"] = Field("digits", description="The policy family: the embedded "
+                                                      "digits world, the compositional digits world (2×2 cells of "
+                                                      "digits, docs/compose.md), or a Stable Diffusion 3 pipeline "
+                                                      "(policy.pretrained).")
+    checkpoint: Path | None = Field(None, description="digits, compose: policy safetensors to start from; default: "
+                                    "the world's shipped model.")
     pretrained: str | None = Field(None, description="sd3: a StableDiffusion3Pipeline directory (save_pretrained "
                                    "layout), or a hub id where a hub is reachable. `fmrl make-tiny-sd3` writes a "
                                    "tiny random one.")
@@ -141,8 +145,39 @@ class PolicyConfig(_Strict):
     shift: Float = Field(1.0, gt=0, le=100, description="SD3 time shift of the sampling schedule (SD3 uses 3.0).")
     cfg_scale: Float = Field(1.0, ge=1.0, le=100, description="Classifier-free guidance scale of training rollouts "
                             "(1 = CFG-free).")
-    sampler: Literal["ode", "sde"] = Field("ode", description="Euler ODE rollouts, or Flow-GRPO's SDE with per-step log-probs.")
-    sde_a: Float = Field(0.7, gt=0, description="Noise level a of the SDE sampler: σ_t = a·sqrt(t/(1 − t)).")
+    sampler: Literal["ode", "sde", "sde_cps"] = Field("ode", description="Euler ODE rollouts, Flow-GRPO's SDE with "
+                                                      "per-step log-probs, or the release's coefficients-preserving "
+                                                      "SDE (sde_type cps; its log-prob drops every constant).")
+    sde_a: Float = Field(0.7, gt=0, description="Noise level a of the SDE sampler: σ_t = a·sqrt(t/(1 − t)) (sde), "
+                         "std = s·sin(a·π/2) (sde_cps).")
+    sde_window_size: Int = Field(0, ge=0, description="Flow-GRPO-Fast: only this many consecutive steps per rollout "
+                                 "are stochastic and recorded (the others Euler steps); 0: every step (Flow-GRPO).")
+    sde_window_range: tuple[Int, Int] | None = Field(None, description="Flow-GRPO-Fast: the window's first step is "
+                                                     "drawn uniformly from [lo, hi − size] per rollout call; default "
+                                                     "(0, num_steps // 2), the release's.")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> PolicyConfig:
+        if self.sde_window_size > 0:
+            lo, hi = self.window_range
+            if not (0 <= lo and hi <= self.num_steps and self.sde_window_size <= hi - lo):
+                raise ValueError(f"policy.sde_window_size={self.sde_window_size} does not fit sde_window_range "
+                                 f"[{lo}, {hi}) within num_steps={self.num_steps}")
+            if self.sampler == "ode":
+                raise ValueError("policy.sde_window_size needs an SDE sampler (policy.sampler: sde or sde_cps)")
+        elif self.sde_window_range is not None:
+            raise ValueError("policy.sde_window_range is used only with policy.sde_window_size > 0")
+        return self
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        """The Fast window's range: the given one, else the release's (0, num_steps // 2)."""
+        return self.sde_window_range or (0, self.num_steps // 2)
+
+    @property
+    def sde_window(self) -> tuple[int, int, int] | None:
+        """(size, lo, hi) for the sampler, or None without a window."""
+        return (self.sde_window_size, *self.window_range) if self.sde_window_size > 0 else None
 
 
 DatasetFormat = Literal["auto", "txt", "jsonl", "json", "csv", "parquet", "hf"]
@@ -222,9 +257,14 @@ class ORWConfig(_Strict):
 
 
 class TrackerConfig(_Strict):
-    buffer_size: Int = Field(32, ge=1, description="Rewards kept per prompt.")
-    min_count: Int = Field(16, ge=1, description="Below this many, a prompt is normalised with batch statistics.")
-    global_std: bool = Field(False, description="Divide prompt-centred rewards by their std over the batch.")
+    mode: Literal["buffer", "batch"] = Field("buffer", description="buffer: DDPO's running per-prompt buffers "
+                                             "(buffer_size, min_count); batch: the released Flow-GRPO/DiffusionNFT "
+                                             "tracker, statistics of the current batch only (eps 1e-4).")
+    buffer_size: Int = Field(32, ge=1, description="buffer mode: rewards kept per prompt.")
+    min_count: Int = Field(16, ge=1, description="buffer mode: below this many, a prompt is normalised with batch "
+                           "statistics.")
+    global_std: bool = Field(False, description="Divide prompt-centred rewards by a std over the whole batch: of "
+                             "the centred rewards (buffer mode), of the raw rewards (batch mode, as released).")
 
     @model_validator(mode="after")
     def _reachable(self) -> TrackerConfig:
@@ -246,6 +286,13 @@ class ACFlowConfig(_Strict):
     critic_lr: Float = Field(3e-3, gt=0, description="The critic's AdamW learning rate.")
     critic_steps: Int = Field(4, ge=1, description="Critic optimiser steps per learner step.")
     critic_width: Int = Field(32, ge=4, description="Channels of the critic (≈41 k parameters at 32 on the digits).")
+    critic_norm: Literal["none", "layer"] = Field("none", description="LayerNorm after each hidden Linear of the "
+                                                  "critic's MLP parts (layer), or none.")
+    critic_t_samples: Int = Field(1, ge=1, le=64, description="States per sample the critic trains on each step: "
+                                  "the actor's interpolant plus fresh (t, ε) draws, or recorded states (critic_states).")
+    critic_states: Literal["interpolant", "rollout"] = Field(
+        "interpolant", description="The critic trains on interpolants x_t = (1 − t)x0 + tε, or on the rollout's "
+        "recorded states (needs rollout.keep_states: true); rollout also values the actor's baseline there.")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
 
@@ -267,15 +314,52 @@ class AdvantageFlowConfig(_Strict):
 class DiffusionNFTConfig(_Strict):
     beta: Float = Field(1.0, gt=0, description="β: step of the implicit positive/negative policies.")
     advantage_clip: Float = Field(5.0, gt=0, description="A_max of r = clip(A/A_max/2 + 0.5, 0, 1).")
-    ref_weight: Float = Field(0.0, ge=0, description="Weight of a ‖v_θ − v_ref‖² term.")
-    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
+    ref_weight: Float = Field(1e-4, ge=0, description="Weight of the ‖v_θ − v_ref‖² term (released: 1e-4, always on).")
+    loss: Literal["released", "velocity"] = Field("released", description="released: the branches in x0 space, each "
+                                                  "divided by its stop-gradient mean |x0̂ − x0|, scaled by A_max/β; "
+                                                  "velocity: r·‖v⁺ − u‖² + (1 − r)·‖v⁻ − u‖².")
+    times: Literal["grid", "uniform"] = Field("grid", description="Training times: grid: int(K·timestep_fraction) "
+                                              "distinct times of each rollout's grid, fresh noise each (released); "
+                                              "uniform: one t ~ U(0, 1) per sample.")
+    timestep_fraction: Float = Field(0.99, gt=0, le=1, description="times grid: the fraction of the K grid times "
+                                     "each sample trains on (released 0.99: 9 of 10; at least one).")
+    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True, mode="batch"))
 
 
 class FlowGRPOConfig(_Strict):
     clip_eps: Float = Field(1e-4, gt=0, description="ε of the clipped ratio (Flow-GRPO: 1e-4).")
     kl_beta: Float = Field(0.04, ge=0, description="β of the KL to the reference (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore).")
     advantage_clip: Float = Field(5.0, gt=0, description="Advantages clipped to ±A_max.")
-    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True))
+    kl_std: Literal["noise_level", "step"] = Field("noise_level", description="The KL's divisor 2·std²: std the "
+                                                   "noise level σ_t = a·sqrt(t/(1 − t)) as released (noise_level), "
+                                                   "or the step's std σ_t·sqrt(|Δt|), the exact per-step KL (step).")
+    timestep_fraction: Float = Field(0.99, gt=0, le=1, description="Train the first int(K·fraction) steps of each "
+                                     "trajectory (released 0.99: with 10 steps the last is not trained).")
+    filter_zero_advantage: bool = Field(True, description="Drop samples whose advantage is exactly 0 (zero-spread "
+                                        "groups) from the loss, as released; one is kept if all are 0.")
+    detach_uncond: bool = Field(True, description="With CFG rollouts (policy.cfg_scale > 1): no gradient through "
+                                "the unconditional branch of the learner's recomputation (train_sd3.py).")
+    minibatches: Int = Field(1, ge=1, description="Optimiser steps per pass over a batch, each on 1/n of its "
+                             "(shuffled, filtered) samples; the release takes 2 (gradient accumulation = "
+                             "num_batches_per_epoch / 2). learner.updates_per_batch repeats whole passes.")
+    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True, mode="batch"))
+
+
+class AWMConfig(_Strict):
+    beta: Float = Field(0.003, ge=0, description="Weight of the KL to the reference, mean ‖v_θ − v_ref‖² "
+                        "(released: 0.003 PickScore, 0.001 GenEval/OCR).")
+    ema_beta: Float = Field(1.0, ge=0, description="Weight of the KL to the rollout policy π_old, mean ‖v_θ − v_old‖² "
+                            "(released: 1, to an EMA of the learner).")
+    weighting: Literal["uniform", "t", "t2", "huber", "ghuber"] = Field(
+        "ghuber", description="Time weighting of the matching log-likelihood (released: ghuber).")
+    ghuber_power: Float = Field(0.25, gt=0, le=1, description="p of the generalised Huber weighting (released: 0.25).")
+    clip_range: Float = Field(1.0, gt=0, description="PPO clip of the ratio exp(log p_θ − log p_old) (released: 1).")
+    advantage_clip: Float = Field(5.0, gt=0, description="Advantages clipped to ±advantage_clip, then scaled "
+                                  "by advantage_max/advantage_clip (released: 5).")
+    advantage_max: Float = Field(1.0, gt=0, description="The clipped advantages' range after scaling, ±advantage_max "
+                                 "(released: 1).")
+    t_samples: Int = Field(6, ge=1, le=64, description="Times t (fresh ε each) per sample and step (released: 6).")
+    tracker: TrackerConfig = Field(default_factory=lambda: TrackerConfig(global_std=True, mode="batch"))
 
 
 class AlgorithmConfig(_Strict):
@@ -285,6 +369,7 @@ class AlgorithmConfig(_Strict):
     advantage_flow: AdvantageFlowConfig = Field(default_factory=AdvantageFlowConfig)
     diffusion_nft: DiffusionNFTConfig = Field(default_factory=DiffusionNFTConfig)
     flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
+    awm: AWMConfig = Field(default_factory=AWMConfig)
 
 
 class LearnerConfig(_Strict):
@@ -295,8 +380,16 @@ class LearnerConfig(_Strict):
     micro_batch_size: Int = Field(80, ge=1, description="Rows per forward/backward; gradients accumulate over the batch.")
     updates_per_batch: Int = Field(1, ge=1, description="Optimiser steps on each rollout batch.")
     rollout_refresh_every: Int = Field(1, ge=1, description="H: a new published version of π_old every H steps.")
-    rollout_update: Literal["copy", "ema"] = Field("copy", description="π_old ← π_θ at each refresh, or an EMA of π_θ every step.")
-    rollout_ema_decay: Float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema'.")
+    rollout_update: Literal["copy", "ema"] = Field("copy", description="π_old ← π_θ at each refresh, or an EMA of π_θ "
+                                                   "(rollout_ema_every, rollout_ema_schedule).")
+    rollout_ema_decay: Float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema' "
+                                     "and rollout_ema_schedule is 'constant'.")
+    rollout_ema_schedule: Literal["constant", "nft_decay0", "nft_decay1", "nft_decay2"] = Field(
+        "constant", description="The EMA's decay d (π_old ← d·π_old + (1 − d)·π_θ) at optimiser step n: constant: "
+        "rollout_ema_decay; DiffusionNFT's decay_type 0/1/2: d = 0, min(0.001·n, 0.5), "
+        "0 before n = 75 then min(0.0075·(n − 75), 0.999).")
+    rollout_ema_every: Literal["step", "refresh"] = Field("step", description="Apply the EMA after every optimiser "
+                                                          "step, or once per refresh (DiffusionNFT: once per epoch).")
     sharding: Literal["ddp", "fsdp"] = Field("ddp", description="How resources.num_learners > 1 learners hold "
                                              "the policy; either way each rank trains on its share of every batch's "
                                              "rows. ddp: replicated on every rank, gradients averaged by torch's "
@@ -308,7 +401,7 @@ class LearnerConfig(_Strict):
                                          "compute per learner step.")
 
 
-RewardKind = Literal["digits_classifier", "clip", "pickscore", "aesthetic", "jpeg_compressibility",
+RewardKind = Literal["digits_classifier", "compose", "clip", "pickscore", "aesthetic", "jpeg_compressibility",
                      "jpeg_incompressibility", "target_image", "python"]
 
 
@@ -531,8 +624,6 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     "flow_grpo": {
         "policy.sampler": ("sde", "its clipped ratio and KL are per-step Gaussian log-probs, which only the "
                                   "SDE sampler records (the ODE is deterministic: no log-prob)"),
-        "policy.cfg_scale": (1.0, "the recorded log-probs must be those of the CFG-free policy the learner "
-                                  "scores (Flow-GRPO trains CFG-free)"),
         "rollout.keep_states": (True, "every recorded step x_t → x_s is a row of the loss"),
     },
 }
@@ -597,11 +688,19 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _sampler_fits(self) -> TrainConfig:
         if self.algorithm.name == "flow_grpo":
-            if self.policy.sampler != "sde":
-                raise ValueError("algorithm flow_grpo needs policy.sampler: sde (it trains on per-step log-probs)")
-            if self.policy.cfg_scale != 1.0 or not self.rollout.keep_states:
-                raise ValueError("algorithm flow_grpo needs CFG-free rollouts (policy.cfg_scale: 1) "
-                                 "that keep their states (rollout.keep_states: true)")
+            if self.policy.sampler not in ("sde", "sde_cps"):
+                raise ValueError("algorithm flow_grpo needs policy.sampler: sde (or sde_cps; it trains on per-step "
+                                 "log-probs)")
+            if not self.rollout.keep_states:
+                raise ValueError("algorithm flow_grpo needs rollouts that keep their states (rollout.keep_states: true)")
+        return self
+
+    @model_validator(mode="after")
+    def _critic_states_kept(self) -> TrainConfig:
+        if self.algorithm.name == "ac_flow" and self.algorithm.ac_flow.critic_states == "rollout" \
+                and not self.rollout.keep_states:
+            raise ValueError("algorithm.ac_flow.critic_states rollout trains the critic on recorded states: "
+                             "set rollout.keep_states: true (or critic_states: interpolant)")
         return self
 
     @model_validator(mode="after")
@@ -675,14 +774,20 @@ class TrainConfig(_Strict):
         return LearnerSettings(
             objective=a.name, orw=tracked(ORWParams, a.orw), ac_flow=tracked(ACFlowParams, a.ac_flow),
             advantage_flow=tracked(AdvantageFlowParams, a.advantage_flow),
-            diffusion_nft=tracked(DiffusionNFTParams, a.diffusion_nft),
+            diffusion_nft=tracked(DiffusionNFTParams, a.diffusion_nft), awm=tracked(AWMParams, a.awm),
             flow_grpo=FlowGRPOParams(sde_a=self.policy.sde_a, clip_eps=a.flow_grpo.clip_eps, kl_beta=a.flow_grpo.kl_beta,
                                      advantage_clip=a.flow_grpo.advantage_clip,
+                                     step_kind="cps" if self.policy.sampler == "sde_cps" else "sde",
+                                     kl_std=a.flow_grpo.kl_std, timestep_fraction=a.flow_grpo.timestep_fraction,
+                                     filter_zero_advantage=a.flow_grpo.filter_zero_advantage,
+                                     cfg_scale=self.policy.cfg_scale, detach_uncond=a.flow_grpo.detach_uncond,
+                                     minibatches=a.flow_grpo.minibatches,
                                      tracker=TrackerParams(**a.flow_grpo.tracker.model_dump())),
             lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
             warmup_steps=ln.warmup_steps, micro_batch_size=ln.micro_batch_size,
             updates_per_batch=ln.updates_per_batch, rollout_refresh_every=ln.rollout_refresh_every,
-            rollout_update=ln.rollout_update, rollout_ema_decay=ln.rollout_ema_decay, seed=self.run.seed,
+            rollout_update=ln.rollout_update, rollout_ema_decay=ln.rollout_ema_decay,
+            rollout_ema_schedule=ln.rollout_ema_schedule, rollout_ema_every=ln.rollout_ema_every, seed=self.run.seed,
         )
 
 

@@ -59,7 +59,14 @@ from services.datasets import (
     plan_rows,
     truncation_note,
 )
-from services.evaluation import Evaluation, eval_due, eval_plan, evaluation_of, seed_for
+from services.evaluation import (
+    Evaluation,
+    eval_due,
+    eval_plan,
+    evaluation_of,
+    heldout_evaluator,
+    seed_for,
+)
 from services.loggers import (
     ConsoleLogger,
     IterationInfo,
@@ -438,7 +445,7 @@ def evaluate(pipe: Pipeline, cfg: TrainConfig, version: int, svm: HeldoutSVM | N
     flat = np.concatenate([t.images for t in trajs])
     accuracy = None
     if svm is not None:  # the held-out SVM as a reward: 1 where it reads the prompted digit
-        accuracy = float(svm(flat, [s for t in trajs for s in t.prompt_list()]).scores.mean())
+        accuracy = float(svm(flat, [s for t in trajs for s in t.prompt_list()], batch.metadata).scores.mean())
     return evaluation_of(version, prompts, flat.reshape(len(prompts), n, *flat.shape[1:]), batch_scores,
                          accuracy, iteration=iteration, eval_scores=eval_scores, base=base,
                          seconds=time.perf_counter() - t0)
@@ -450,7 +457,7 @@ class Evaluator:
 
     def __init__(self, pipe: Pipeline, cfg: TrainConfig) -> None:
         self.pipe, self.cfg = pipe, cfg
-        self.svm = HeldoutSVM() if cfg.policy.kind == "digits" else None
+        self.svm = heldout_evaluator(cfg)  # the world's evaluation-only reader (services/evaluation.py)
         self.samples = len(eval_plan(cfg)[0]) * cfg.eval.samples_per_prompt
         self.base: Evaluation | None = None
 

@@ -28,6 +28,22 @@ def eval_plan(cfg: Any, prompts: list[str] | None = None) -> tuple[list[str], li
     return prompts, [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
 
 
+def heldout_evaluator(cfg: Any) -> Any | None:  # noqa: ANN401
+    """The world's evaluation-only reader, which never feeds training: the digits world's RBF SVM
+    (accuracy: it reads the prompted digit), the compose world's ``HeldoutComposeEvaluator``
+    (accuracy: all-or-nothing compositional accuracy, from each prompt's metadata), else None.
+    Called as ``reader(images, prompts, metadata)``; its ``heldout_accuracy`` is on real images."""
+    if cfg.policy.kind == "digits":
+        from reward_workers.digits import HeldoutSVM
+
+        return HeldoutSVM()
+    if cfg.policy.kind == "compose":
+        from services.pretrain_compose import heldout_evaluator as compose_reader
+
+        return compose_reader()
+    return None
+
+
 def eval_due(every: int, done: int, iterations: int) -> bool:
     """Whether the run evaluates between batches after ``done`` trained iterations: every
     ``every`` (0: never), except after the last, which the final evaluation measures."""

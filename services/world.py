@@ -17,17 +17,22 @@ import torch
 
 from learner.group import LearnerGroup
 from learner.learner import Learner
-from samplers import digits
+from samplers import compose, digits
 from samplers.policy import SD3Velocity, add_lora, load_velocity, read_tensors
 from samplers.sampler import Sampler
 from samplers.text import PromptEmbeddings, PromptEncoder
 from services.config import PolicyConfig, TrainConfig
 
+#: the pixel-space worlds: policy.kind → (its shipped policy file, the command that makes it)
+PIXEL_WORLDS = {"digits": (digits.POLICY_FILE, "fmrl pretrain-digits"),
+                "compose": (compose.POLICY_FILE, "fmrl pretrain-compose")}
+
 
 def policy_checkpoint(cfg: PolicyConfig) -> Path:
-    path = cfg.checkpoint or digits.POLICY_FILE
+    shipped, command = PIXEL_WORLDS[cfg.kind]
+    path = cfg.checkpoint or shipped
     if not Path(path).is_file():
-        hint = " (make it with `fmrl pretrain-digits`)" if cfg.checkpoint is None else ""
+        hint = f" (make it with `{command}`)" if cfg.checkpoint is None else ""
         raise FileNotFoundError(f"policy checkpoint not found: {path}{hint}")
     return Path(path)
 
@@ -35,7 +40,7 @@ def policy_checkpoint(cfg: PolicyConfig) -> Path:
 def check_policy_source(cfg: PolicyConfig) -> None:
     """Fail early, naming it, when the policy's weights cannot be there (or, for the digits
     policy, a few MB, when its file is damaged: its digest is verified here)."""
-    if cfg.kind == "digits":
+    if cfg.kind in PIXEL_WORLDS:
         read_tensors(policy_checkpoint(cfg))
     else:
         from samplers.sd3 import locate_sd3_pipeline
@@ -55,6 +60,13 @@ def resolve_checkpoint(path: Path) -> Path:
                             "policy.safetensors and checkpoint/policy.safetensors)")
 
 
+def pixel_shape(velocity: SD3Velocity) -> tuple[int, int, int]:
+    """(C, H, W) of a pixel-space world's samples, as its checkpoint's transformer config says
+    (the digits world's 1×8×8, the compose world's 1×16×16)."""
+    c = velocity.transformer.config
+    return (int(c.in_channels), int(c.sample_size), int(c.sample_size))
+
+
 @dataclass
 class PolicyParts:
     """What samplers and the learner need of a policy family."""
@@ -71,10 +83,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_policy(cfg: PolicyConfig) -> PolicyParts:
     """The velocity model (with its LoRA adapter when configured), its frozen prompt encoder,
     its decoder to uint8 images and the shape of its samples."""
-    if cfg.kind == "digits":
+    if cfg.kind in PIXEL_WORLDS:
         encoder = PromptEncoder()
-        parts = PolicyParts(load_velocity(policy_checkpoint(cfg)), encoder.encode, digits.to_uint8,
-                            digits.IMAGE_SHAPE)
+        velocity = load_velocity(policy_checkpoint(cfg))
+        parts = PolicyParts(velocity, encoder.encode, digits.to_uint8, pixel_shape(velocity))
     else:
         from samplers.sd3 import (
             SD3PromptEncoder,
@@ -99,6 +111,7 @@ def build_sampler(cfg: TrainConfig) -> Sampler:
         parts.velocity, parts.encode, parts.decode, parts.latent_shape,
         num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=cfg.policy.cfg_scale,
         keep_states=cfg.rollout.keep_states, kind=cfg.policy.sampler, sde_a=cfg.policy.sde_a,
+        sde_window=cfg.policy.sde_window,
     )
 
 

@@ -10,7 +10,8 @@ project's convention (t = 1 noise, t = 0 data):
 - generalised critic weighting w = g(A) from a named family, normalised to mean 1 over
   the batch (``critic_weights``); exp(τA) with a constant critic is ORW-CFM-W2's weighting;
 - actor loss  w·‖v_θ − u‖² + α·‖v_θ − v_ref‖²  (the Wasserstein regulariser of ORW-CFM-W2),
-  ``ac_flow_actor_loss``.
+  ``ac_flow_actor_loss``;
+- the critic's fit by time: ``explained_variance_by_t`` over equal-width buckets of t.
 """
 
 from __future__ import annotations
@@ -68,3 +69,32 @@ def critic_regression_loss(values: torch.Tensor, targets: torch.Tensor) -> tuple
     var = targets.var(unbiased=False)
     ev = 1.0 - (targets - values.detach()).var(unbiased=False) / var if var > 0 else torch.tensor(float("nan"))
     return losses, {"explained_variance": ev.detach(), "value_mean": values.mean().detach()}
+
+
+EV_BUCKETS = 4
+"""Buckets of t ∈ [0, 1] for the critic's per-time explained variance (equal widths)."""
+
+
+def explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 − Var(r̃ − V)/Var(r̃) over all elements; 0.0 where it is undefined (fewer than two
+    elements, or targets without spread): nothing was there to explain."""
+    values, targets = values.detach().double().flatten(), targets.detach().double().flatten()
+    var = targets.var(unbiased=False) if targets.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    if var <= 0:
+        return 0.0
+    return float(1.0 - (targets - values).var(unbiased=False) / var)
+
+
+def explained_variance_by_t(values: torch.Tensor, targets: torch.Tensor, t: torch.Tensor,
+                            buckets: int = EV_BUCKETS) -> dict[str, float]:
+    """The critic's explained variance within each of ``buckets`` equal-width buckets of t.
+
+    values, targets, t: the same shape (any). Bucket k holds t ∈ [k/n, (k+1)/n) (the last one
+    also t = 1). Returns ``explained_variance_t{k}`` for every k, never NaN: a bucket with fewer
+    than two rows, or whose targets are all equal, reports 0.0 (see ``explained_variance``).
+    """
+    t = t.detach().flatten().double()
+    idx = (t * buckets).floor().clamp(0, buckets - 1).long()
+    values, targets = values.detach().flatten(), targets.detach().flatten()
+    return {f"explained_variance_t{k}": explained_variance(values[idx == k], targets[idx == k])
+            for k in range(buckets)}

@@ -17,11 +17,13 @@ Sources of the details:
 - Log-probs are per-step Gaussian log-densities averaged over dimensions, computed by
   ``samplers.sde`` [code]; advantages are given, already normalised ((r − group mean)
   / std) and clipped to ±5 by the caller [code].
-- The KL term is the closed form between two Gaussian steps of equal variance; the
-  squared norm is a mean over the non-batch dimensions [code]. Which variance is
-  the caller's choice through ``std``: the transition std σ_t·sqrt(|Δt|) gives the
-  exact per-step KL as the paper writes it [paper]; the released ``train_sd3.py``
-  divides by 2σ_t² (its ``std_dev_t``, without sqrt(|Δt|)) [code].
+- The KL term is ‖μ_θ − μ_ref‖² / (2·std²), the squared norm a mean over the non-batch
+  dimensions [code]. The released ``scripts/train_sd3.py`` (@ ac4c86e L895) divides by
+  2·std_dev_t², std_dev_t the noise level σ_t = a·sqrt(t/(1 − t)) without the step's
+  sqrt(|Δt|) (``samplers.sde.noise_level``); that is the rule's default. The step std
+  σ_t·sqrt(|Δt|) gives the exact per-step KL between the two Gaussians [paper], an option.
+- Which steps train and which samples: ``num_train_timesteps`` and
+  ``nonzero_advantage_mask`` transcribe the release (docstrings).
 - ``clip_fraction`` counts |r − 1| > ε, as the released code logs it [code];
   ``approx_kl`` is the mean of (log p_old − log p_θ), an estimate of KL(π_old ‖ π_θ)
   (the released code logs 0.5·mean((log p_θ − log p_old)²) instead).
@@ -91,3 +93,37 @@ def flow_grpo_loss(
         "kl": kl.mean().detach(),
     }
     return losses, stats
+
+
+def num_train_timesteps(num_steps: int, fraction: float) -> int:
+    """Steps trained per trajectory: int(K·fraction), the first ones, k = 0 … n − 1 [code].
+
+    ``scripts/train_sd3.py`` @ ac4c86e L345 (``int(num_steps * timestep_fraction)``) and L864
+    (``range(num_train_timesteps)``): with K = 10 and 0.99 the last step (the one into t = 0)
+    is not trained. At least one step is kept.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {fraction}")
+    return max(1, int(num_steps * fraction))
+
+
+def nonzero_advantage_mask(advantages: torch.Tensor, num_batches: int = 1,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which samples train: those whose advantage is not exactly 0 [code].
+
+    ``scripts/train_sd3.py`` @ ac4c86e L797–817: keep = (|A| summed over the steps ≠ 0);
+    when the kept count is 0 or not a multiple of ``num_batches`` (its
+    ``num_batches_per_epoch``), num_batches − (count mod num_batches) zero-advantage samples,
+    drawn at random (``generator``), are put back, if there are that many. advantages: (B,)
+    (the release's are constant over steps, so the sum over steps is ≠ 0 iff A ≠ 0). Returns
+    a (B,) bool mask.
+    """
+    keep = advantages != 0
+    count = int(keep.sum())
+    if count % num_batches != 0 or count == 0:
+        dropped = torch.where(~keep)[0]
+        need = num_batches - count % num_batches
+        if dropped.numel() >= need:
+            pick = torch.randperm(dropped.numel(), generator=generator)[:need].to(dropped.device)
+            keep[dropped[pick]] = True
+    return keep

@@ -1,15 +1,26 @@
 """AC-Flow's reconstructed parts on hand-computed numbers, and its ORW special case."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from learner.critic import ValueCritic
-from learner.objectives.ac_flow import ac_flow_actor_loss, critic_regression_loss, critic_weights
+from learner.learner import Learner, LearnerSettings
+from learner.objectives.ac_flow import (
+    ac_flow_actor_loss,
+    critic_regression_loss,
+    critic_weights,
+    explained_variance_by_t,
+)
 from learner.objectives.orw import orw_cfm_w2_loss
+from learner.settings import ACFlowParams
 from samplers.digits import DIGITS_TRANSFORMER_CONFIG
 from samplers.policy import build_sd3_velocity
+from services.config import ConfigError, load_config
+from tests.helpers import fake_batch, table_encode, tiny_velocity
 
 A = torch.tensor([-1.0, 0.0, 1.0])
 
@@ -67,3 +78,91 @@ def test_critic_is_small_and_shaped():
     assert out.shape == (5,)
     # SD3-shaped latents work unchanged (global pooling)
     assert ValueCritic(16, 2048)(torch.randn(2, 16, 32, 32), torch.rand(2), torch.randn(2, 2048)).shape == (2,)
+
+
+# ---- the critic's levers: LayerNorm, several t per sample, recorded states, fit by t ----------
+
+def _ac_learner(**kw) -> Learner:
+    ac = dataclasses.replace(ACFlowParams(warmup_steps=0), **kw)
+    return Learner(tiny_velocity(), table_encode, LearnerSettings(objective="ac_flow", ac_flow=ac, micro_batch_size=8))
+
+
+REWARDS = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
+
+
+def test_critic_layer_norm_option():
+    plain, normed = ValueCritic(1, 384), ValueCritic(1, 384, norm="layer")
+    # "none" keeps the modules (and checkpoint keys) of the critic before the option existed
+    assert not any(isinstance(m, nn.LayerNorm) for m in plain.modules())
+    assert sorted(k for k in plain.state_dict() if "features" in k or "head" in k or "time" in k) == [
+        "features.0.bias", "features.0.weight", "features.2.bias", "features.2.weight", "features.6.bias",
+        "features.6.weight", "head.0.bias", "head.0.weight", "head.2.bias", "head.2.weight", "time.0.bias",
+        "time.0.weight"]
+    assert sum(isinstance(m, nn.LayerNorm) for m in normed.modules()) == 3  # features, time, head
+    assert normed(torch.randn(3, 1, 8, 8), torch.rand(3), torch.randn(3, 384)).shape == (3,)
+    with pytest.raises(ValueError, match="valid: none, layer"):
+        ValueCritic(1, 384, norm="batch")
+
+
+def test_explained_variance_by_t_hand_computed():
+    # bucket 0 (t < 0.25): r̃ = (0, 2), V = (0, 1): Var(r̃) = 1, r̃ − V = (0, 1), Var = 0.25 → 0.75;
+    # bucket 1 empty, bucket 2 one row, bucket 3 equal targets (t = 1 falls in the last): all 0.0
+    t = torch.tensor([0.1, 0.2, 0.6, 0.8, 1.0])
+    targets = torch.tensor([0.0, 2.0, 1.0, 0.5, 0.5])
+    values = torch.tensor([0.0, 1.0, 0.3, 0.1, 0.9])
+    ev = explained_variance_by_t(values, targets, t)
+    assert ev == {"explained_variance_t0": pytest.approx(0.75), "explained_variance_t1": 0.0,
+                  "explained_variance_t2": 0.0, "explained_variance_t3": 0.0}
+
+
+def _critic_inputs(ln) -> list[tuple[int, torch.Tensor]]:
+    seen: list[tuple[int, torch.Tensor]] = []
+    ln.rule.critic.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0], args[1].detach().clone())))
+    return seen
+
+
+def test_critic_t_samples_trains_on_fresh_draws():
+    ln = _ac_learner(critic_t_samples=3, critic_steps=2, critic_norm="layer")
+    seen = _critic_inputs(ln)
+    stats = ln.update(fake_batch(), REWARDS)
+    # the advantages value the actor's 8 interpolants; each critic step sees 8 × 3 rows
+    assert [n for n, _ in seen] == [8, 24, 24]
+    value_t, train_t = seen[0][1], seen[1][1].reshape(8, 3)
+    assert torch.equal(train_t[:, 0], value_t)  # the actor's draw first, then two fresh ones
+    assert len(torch.unique(train_t)) == 24
+    for k in ("explained_variance", *(f"explained_variance_t{i}" for i in range(4))):
+        assert math.isfinite(stats[k]), k
+    # one draw per sample is the behaviour before the option: no extra draws from the generator
+    one, same = _ac_learner(), _ac_learner(critic_t_samples=1)
+    one.update(fake_batch(), REWARDS)
+    same.update(fake_batch(), REWARDS)
+    assert torch.equal(one.generator.get_state(), same.generator.get_state())
+
+
+def test_critic_on_recorded_states():
+    ln = _ac_learner(critic_states="rollout", critic_t_samples=2)
+    seen = _critic_inputs(ln)
+    ln.update(fake_batch(), REWARDS)  # recorded states at t = 1 (noise) and t = 0 (the sample)
+    assert [n for n, _ in seen] == [8, 16]
+    assert set(torch.cat([t for _, t in seen]).tolist()) <= {0.0, 1.0}
+    batch = fake_batch()
+    flat = dataclasses.replace(batch, states=batch.states[:, -1:])  # keep_states off: the sample only
+    with pytest.raises(ValueError, match="keep_states"):
+        _ac_learner(critic_states="rollout").update(flat, REWARDS)
+
+
+def test_recorded_states_need_keep_states_at_config_time():
+    with pytest.raises(ConfigError, match="keep_states") as exc:
+        load_config(None, ["algorithm.ac_flow.critic_states=rollout", "rollout.keep_states=false"])
+    assert "\n" not in str(exc.value)
+    assert load_config(None, ["algorithm.ac_flow.critic_states=rollout"]).learner_settings().ac_flow.critic_states \
+        == "rollout"
+
+
+@pytest.mark.parametrize("actor", ["frozen", "orw"])
+def test_warmup_actor_frozen_or_orw(actor):
+    ln = _ac_learner(warmup_steps=5, warmup_actor=actor)
+    before = {k: v.clone() for k, v in ln.policy.state_dict().items()}
+    stats = ln.update(fake_batch(), REWARDS)
+    moved = any(not torch.equal(v, before[k]) for k, v in ln.policy.state_dict().items())
+    assert stats["warmup"] == 1.0 and moved == (actor == "orw")

@@ -3,10 +3,18 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from learner.advantages import PerPromptStatTracker, clip_advantages, group_centred, shape_rewards
+from learner.advantages import (
+    BatchStatTracker,
+    PerPromptStatTracker,
+    clip_advantages,
+    group_centred,
+    make_tracker,
+    shape_rewards,
+)
 
 AB = ["a", "a", "b", "b"]
 
@@ -147,3 +155,93 @@ def test_group_centred_hand_computed():
     ids = torch.tensor([7, 3, 7, 7])
     out = group_centred(ids, torch.tensor([1.0, 5.0, 2.0, 6.0]))
     torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, -1.0, 3.0]))
+
+
+# ---- the released batch tracker (Flow-GRPO / DiffusionNFT) ----------------------------------
+
+def _release_update(prompts: list[str], rewards: np.ndarray, global_std: bool) -> np.ndarray:
+    """A cleared tracker's ``update`` (flow_grpo/stat_tracking.py:12–32 in both releases): for
+    each distinct prompt, its rewards minus their mean, over (np.std of all the batch's rewards,
+    or of the prompt's) + 1e-4. Written here in numpy, float64, as the release computes it."""
+    names = np.array(prompts)
+    out = np.zeros_like(rewards)
+    for p in np.unique(names):
+        mine = rewards[names == p]
+        spread = np.std(rewards if global_std else mine) + 1e-4
+        out[names == p] = (mine - np.mean(mine)) / spread
+    return out
+
+
+MIXED = ["c", "a", "b", "a", "c", "a", "d", "b", "b"]  # a ×3, b ×3 (all equal), c ×2, d alone
+
+
+@pytest.mark.parametrize("global_std", [True, False])
+def test_batch_tracker_equals_the_release(global_std):
+    g = torch.Generator().manual_seed(4)
+    rewards = torch.rand(9, generator=g, dtype=torch.float64)
+    rewards[[2, 7, 8]] = 0.25  # prompt b: zero spread
+    adv, stats = BatchStatTracker(global_std=global_std).normalize(MIXED, rewards)
+    expected = _release_update(MIXED, rewards.numpy(), global_std)
+    assert adv.dtype == torch.float64
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-12, atol=1e-14)
+    assert adv[6] == 0.0 and (adv[[2, 7, 8]] == 0).all()  # the single sample, the zero-spread group
+    assert stats == {"zero_spread_groups": 2.0, "groups": 4.0}  # b and d
+    # float32 rewards (the learner's) give float32 advantages of the same numbers
+    adv32, _ = BatchStatTracker(global_std=global_std).normalize(MIXED, rewards.float())
+    assert adv32.dtype == torch.float32
+    np.testing.assert_allclose(adv32.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_tracker_hand_computed_global_std_of_raw_rewards():
+    # a = (0, 2), b = (0, 14): centred (−1, 1, −7, 7); raw batch mean 4,
+    # σ² = (16 + 4 + 16 + 100)/4 = 34 → A = (−1, 1, −7, 7)/(√34 + 1e-4)
+    # (the buffer tracker's global std is of the centred rewards: σ = 5 → (−0.2, 0.2, −1.4, 1.4))
+    adv, _ = BatchStatTracker().normalize(AB, torch.tensor([0.0, 2.0, 0.0, 14.0], dtype=torch.float64))
+    want = torch.tensor([-1.0, 1.0, -7.0, 7.0], dtype=torch.float64) / (math.sqrt(34.0) + 1e-4)
+    torch.testing.assert_close(adv, want, rtol=1e-14, atol=0)
+    # per-prompt std: a σ 1, b σ 7 → (−1, 1, −1, 1)/(σ + 1e-4)
+    local, _ = BatchStatTracker(global_std=False).normalize(AB, torch.tensor([0.0, 2.0, 0.0, 14.0],
+                                                                             dtype=torch.float64))
+    torch.testing.assert_close(local, torch.tensor([-1 / 1.0001, 1 / 1.0001, -7 / 7.0001, 7 / 7.0001],
+                                                   dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_batch_tracker_all_singletons_normalise_over_the_batch():
+    # one sample per prompt: the release's scripts skip the tracker and use (r − mean)/(std + 1e-4)
+    # over the batch (flow_grpo scripts/train_sd3.py:547–548, 781–782): r = (1, 2, 3, 6), mean 3,
+    # σ² = (4 + 1 + 0 + 9)/4 = 3.5
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    adv, stats = BatchStatTracker().normalize(["a", "b", "c", "d"], r)
+    torch.testing.assert_close(adv, (r - 3.0) / (math.sqrt(3.5) + 1e-4), rtol=1e-14, atol=0)
+    assert stats["zero_spread_groups"] == 4.0
+
+
+def test_batch_tracker_forgets_each_batch_and_saves_only_settings():
+    t = BatchStatTracker()
+    t.normalize(AB, torch.tensor([5.0, 9.0, 1.0, 1.5]))
+    second, _ = t.normalize(AB, torch.tensor([0.3, 0.1, 0.7, 0.2]))
+    fresh, _ = BatchStatTracker().normalize(AB, torch.tensor([0.3, 0.1, 0.7, 0.2]))
+    assert torch.equal(second, fresh)
+    state = json.loads(json.dumps(t.state_dict()))
+    assert state == {"mode": "batch", "global_std": True, "eps": 1e-4}
+    BatchStatTracker().load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with settings"):
+        BatchStatTracker(global_std=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with settings"):
+        BatchStatTracker().load_state_dict(PerPromptStatTracker(global_std=True).state_dict())
+    with pytest.raises(ValueError, match="saved by a 'batch' tracker"):
+        PerPromptStatTracker().load_state_dict(state)
+    # a buffer tracker's state from before the mode was recorded still loads
+    legacy = PerPromptStatTracker().state_dict()
+    del legacy["mode"]
+    PerPromptStatTracker().load_state_dict(legacy)
+    with pytest.raises(ValueError, match="not finite"):
+        t.normalize(AB, torch.tensor([0.0, float("nan"), 1.0, 2.0]))
+
+
+def test_make_tracker_modes():
+    assert isinstance(make_tracker("batch", global_std=True), BatchStatTracker)
+    buf = make_tracker("buffer", buffer_size=8, min_count=2)
+    assert isinstance(buf, PerPromptStatTracker) and buf.buffer_size == 8
+    with pytest.raises(ValueError, match=r"valid modes: \['batch', 'buffer'\]"):
+        make_tracker("window")  # type: ignore[arg-type]

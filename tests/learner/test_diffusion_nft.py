@@ -102,3 +102,18 @@ def test_is_advantage_flow_with_gamma_beta_minus_a(beta, r):
     nft.sum().backward()
     (beta * af).sum().backward()
     torch.testing.assert_close(v1.grad, v2.grad)
+
+
+@pytest.mark.parametrize(("loss", "times", "key"), [("velocity", "uniform", "fm"), ("released", "grid", "pos_weight")])
+def test_rule_runs_either_loss(loss, times, key):
+    # the rule picks the loss by diffusion_nft.loss; the velocity variant keeps its statistics
+    import dataclasses
+
+    from learner.learner import Learner, LearnerSettings
+    from learner.settings import DiffusionNFTParams
+    from tests.helpers import fake_batch, table_encode, tiny_velocity
+
+    s = dataclasses.replace(LearnerSettings(), objective="diffusion_nft", rollout_update="ema",
+                            diffusion_nft=DiffusionNFTParams(loss=loss, times=times, ref_weight=0.0))
+    stats = Learner(tiny_velocity(), table_encode, s).update(fake_batch(), torch.linspace(0, 1, 8))
+    assert key in stats and stats["loss"] > 0

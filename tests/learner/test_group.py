@@ -1,5 +1,5 @@
 """N data-parallel learners train as one: two gloo ranks (real processes, torch's DDP) against the
-single learner, for all five objectives, with and without LoRA, on batches whose rows split
+single learner, for all six objectives, with and without LoRA, on batches whose rows split
 unevenly (5 + 4) with a micro-batch size that divides neither shard, with the policy replicated
 (DDP) or sharded (FSDP2); an FSDP group's checkpoint resumes bit for bit and loads in one learner.
 
@@ -23,6 +23,7 @@ from learner.learner import Learner, LearnerSettings
 from learner.settings import (
     ACFlowParams,
     AdvantageFlowParams,
+    AWMParams,
     DiffusionNFTParams,
     FlowGRPOParams,
     ORWParams,
@@ -34,7 +35,7 @@ from samplers.sampler import Sampler
 from tests.helpers import table_encode, tiny_velocity
 
 WORLD = 2
-OBJECTIVES = ["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft", "flow_grpo"]
+OBJECTIVES = ["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft", "flow_grpo", "awm"]
 CASES = [(o, lora) for o in OBJECTIVES for lora in (False, True)]
 RESUMED = [("ac_flow", True), ("diffusion_nft", False)]  # FSDP checkpoints: a LoRA and a full policy
 PROMPTS = ["a handwritten one", "a handwritten two", "a handwritten three"]
@@ -46,9 +47,10 @@ def _settings(objective: str) -> LearnerSettings:
     s = LearnerSettings(
         objective=objective, lr=1e-2, warmup_steps=0, micro_batch_size=4, seed=3,
         orw=ORWParams(normalize_weights=True),
-        ac_flow=ACFlowParams(warmup_steps=1, critic_steps=2, tracker=TRACKER),
+        ac_flow=ACFlowParams(warmup_steps=1, critic_steps=2, critic_t_samples=2, tracker=TRACKER),
         advantage_flow=AdvantageFlowParams(tracker=dataclasses.replace(TRACKER, global_std=True)),
         diffusion_nft=DiffusionNFTParams(ref_weight=0.1, tracker=dataclasses.replace(TRACKER, global_std=True)),
+        awm=AWMParams(t_samples=2, tracker=dataclasses.replace(TRACKER, global_std=True)),
         flow_grpo=FlowGRPOParams(clip_eps=0.2, tracker=dataclasses.replace(TRACKER, global_std=True)),
     )
     if objective in ("advantage_flow", "diffusion_nft"):

@@ -202,9 +202,11 @@ def test_a_key_the_user_set_is_not_replaced_by_a_preset(tmp_path, where):
     overrides = ["algorithm.name=flow_grpo"] + (["policy.sampler=ode"] if where == "override" else [])
     with pytest.raises(ConfigError, match="flow_grpo needs policy.sampler: sde"):
         load_config(f, overrides)
-    f.write_text("policy:\n  cfg_scale: 4.5\n")
-    with pytest.raises(ConfigError, match=r"CFG-free rollouts \(policy.cfg_scale: 1\)"):
+    f.write_text("rollout:\n  keep_states: false\n")
+    with pytest.raises(ConfigError, match=r"keep their states \(rollout.keep_states: true\)"):
         load_config(f, ["algorithm.name=flow_grpo"])
+    f.write_text("policy:\n  cfg_scale: 4.5\n")  # CFG rollouts are Flow-GRPO's own (the learner recomputes under CFG)
+    assert load_config(f, ["algorithm.name=flow_grpo"]).learner_settings().flow_grpo.cfg_scale == 4.5
     with pytest.raises(ValueError, match="flow_grpo needs policy.sampler: sde"):
         TrainConfig(policy={"sampler": "ode"}, algorithm={"name": "flow_grpo"})
 
