@@ -1,4 +1,4 @@
-"""The ``fmrl`` command: train, config, sample, export, reward-worker, pretrain-digits, train-classifier,\ntrain-digits-clip, make-tiny-sd3, eval."""
+"""The ``fmrl`` command: train, config, sample, export, reward-worker, pretrain-digits, pretrain-compose, train-classifier,\ntrain-digits-clip, make-tiny-sd3, eval."""
 
 from __future__ import annotations
 
