@@ -61,17 +61,24 @@ class Method:
     """Further overrides that make a variant of a method (an AC-Flow lever)."""
 
 
+# each method's knob values start with its config's own (`--knob-index 0`: the defaults only)
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("ac_flow", "ac_flow", "algorithm.ac_flow.alpha", (0.25, 0.5, 1.0), "AC-Flow α"),
-    Method("ac_flow_orw_warmup", "ac_flow", "algorithm.ac_flow.alpha", (0.25, 0.5, 1.0),
-           "AC-Flow α, actor on ORW weights in warm-up", ("algorithm.ac_flow.warmup_actor=orw",)),
-    Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.25, 0.5, 1.0), "ORW-CFM-W2 α"),
+    Method("ac_flow", "ac_flow", "algorithm.ac_flow.alpha", (0.5, 0.25, 1.0), "AC-Flow α"),
+    # AC-Flow's levers (docs/algorithms.md), each at the flagship's own α
+    Method("ac_flow_orw_warmup", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
+           "AC-Flow, actor on ORW weights in warm-up", ("algorithm.ac_flow.warmup_actor=orw",)),
+    Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
+           "AC-Flow, critic on recorded rollout states",
+           ("algorithm.ac_flow.critic_states=rollout", "rollout.keep_states=true")),
+    Method("ac_flow_critic_t4", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
+           "AC-Flow, critic on 4 t per sample", ("algorithm.ac_flow.critic_t_samples=4",)),
+    Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.5, 0.25, 1.0), "ORW-CFM-W2 α"),
     # γ + λ must exceed A_max = 1 (convexity): γ = 1.1 is the restated default
     Method("advantage_flow", "advantage_flow", "algorithm.advantage_flow.gamma", (1.1, 2.0, 4.0), "AdvantageFlow γ"),
-    Method("diffusion_nft", "diffusion_nft", "algorithm.diffusion_nft.beta", (0.1, 0.3, 1.0), "DiffusionNFT β"),
-    Method("flow_grpo", "flow_grpo", "algorithm.flow_grpo.kl_beta", (0.01, 0.04, 0.16), "Flow-GRPO KL β"),
+    Method("diffusion_nft", "diffusion_nft", "algorithm.diffusion_nft.beta", (1.0, 0.1, 0.3), "DiffusionNFT β"),
+    Method("flow_grpo", "flow_grpo", "algorithm.flow_grpo.kl_beta", (0.04, 0.01, 0.16), "Flow-GRPO KL β"),
     Method("flow_grpo_fast", "flow_grpo_fast", "algorithm.flow_grpo.kl_beta", (0.04,), "Flow-GRPO-Fast KL β"),
-    Method("awm", "awm", "algorithm.awm.beta", (0.001, 0.003, 0.03), "AWM KL β"),
+    Method("awm", "awm", "algorithm.awm.beta", (0.003, 0.001, 0.03), "AWM KL β"),
 )}
 THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.5, 0.7, 0.9)}
 FLAGSHIP = "ac_flow"
@@ -203,13 +210,21 @@ def main() -> None:
     p.add_argument("--benches", nargs="*", default=list(BENCHES), choices=BENCHES)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--knob-index", nargs="*", type=int, default=None,
+                   help="Run only these positions of each method's knob values (clamped to its last), e.g. 1 "
+                        "for the middle of three; default: all.")
     p.add_argument("--iterations", type=int, default=None, help="Override run.iterations (the same for every method).")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "algorithms_results.md")
     p.add_argument("--report-only", action="store_true", help="Do not launch runs; report those present.")
     args = p.parse_args()
+    def values(m: Method) -> tuple[float, ...]:
+        if args.knob_index is None:
+            return m.values
+        return tuple(dict.fromkeys(m.values[min(i, len(m.values) - 1)] for i in args.knob_index))
+
     plan = [(b, METHODS[m], v, s) for b in args.benches for m in args.methods if config_of(b, METHODS[m]).is_file()
-            for v in METHODS[m].values for s in args.seeds]
+            for v in values(METHODS[m]) for s in args.seeds]
     done: dict[tuple, Path] = {}
     t0, launched = time.time(), 0
     for i, (b, m, v, s) in enumerate(plan):

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +62,30 @@ class WeightsPayload:
 
 
 Encode = Callable[[list[str]], PromptEmbeddings]
+
+
+_RESUMABLE_SETTINGS = ("lr",)
+"""Learner settings a resumed run may change (``--resume --set learner.lr=…``)."""
+
+
+def _check_settings_kept(saved: dict[str, Any], now: dict[str, Any], d: Path) -> None:
+    """Refuse to continue a checkpoint under other learner settings than it was trained with
+    (a changed default after an upgrade included), naming the first few; a setting the saved
+    file lacks (written by an older fmrl) is reported only for the objective being run."""
+    def flat(x: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    section = {"orw_cfm_w2": "orw"}.get(now["objective"], now["objective"])
+    old, new = flat(saved), flat(now)
+    mine = [k for k in new if "." not in k or k.startswith(section + ".")]
+    diff = [k for k in mine if k not in _RESUMABLE_SETTINGS and old.get(k, "absent") != new[k]]
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k, 'absent')} → {new[k]}" for k in diff[:4])
+        raise ValueError(f"checkpoint {d} was trained with other learner settings ({shown}"
+                         f"{'; …' if len(diff) > 4 else ''}): resume it with the settings it was made with")
 
 
 class Learner:
@@ -368,10 +393,12 @@ class Learner:
         metas = {name: m for name, (m, _) in files.items()}
         meta = metas["optimizer.safetensors"]
         if "settings" in meta:
-            saved = json.loads(meta["settings"]).get("objective")
+            saved_settings = json.loads(meta["settings"])
+            saved = saved_settings.get("objective")
             if saved != self.settings.objective:
                 raise ValueError(f"checkpoint {d} was written by objective {saved!r}, "
                                  f"this learner runs {self.settings.objective!r}")
+            _check_settings_kept(saved_settings, json.loads(settings_json(self.settings)), d)
         steps = {name: m.get("step") for name, m in metas.items()}
         if len(set(steps.values())) != 1:
             raise ValueError(f"checkpoint {d} mixes files from different steps {steps} (an interrupted save?)")

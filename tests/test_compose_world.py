@@ -28,15 +28,26 @@ def test_datasets_are_what_the_script_makes_and_round_trip():
     spec = importlib.util.spec_from_file_location("make_compose", DATASETS / "make_compose_datasets.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
-    for name, rows in (("compose_train.jsonl", make.train_rows()), ("compose_eval.jsonl", make.eval_rows())):
+    for name, make_rows in make.FILES.items():
+        rows = make_rows()
         assert _rows(name) == rows, f"{name} is not what make_compose_datasets.py writes"
         read = read_dataset(DatasetConfig(path=DATASETS / name))  # as a run reads it: prompt + metadata
         assert [{"prompt": p, **m} for p, m in zip(read.prompts, read.metadata, strict=True)] == rows
-    train, held = _rows("compose_train.jsonl"), _rows("compose_eval.jsonl")
-    assert len(train) == 950 and len(held) == 40
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}  # held-out phrasings only
-    assert {r["task"] for r in held} == set(compose.TASKS)
-    assert _rows("compose_train.jsonl")[0]["prompt"] == "a single zero"
+    train, held, phrased = (_rows(n) for n in ("compose_train.jsonl", "compose_eval.jsonl",
+                                                "compose_eval_phrasings.jsonl"))
+    assert len(train) == 64 and len(held) == len(phrased) == 40
+    assert [r["task"] for r in train].count("relation") == 16 and {r["task"] for r in held} == set(compose.TASKS)
+
+    def constraints(r: dict) -> str:
+        return json.dumps({k: r[k] for k in ("task", "counts", "relation", "region")}, sort_keys=True)
+
+    # held-out combinations: no training prompt asks what an evaluation prompt asks, in any wording
+    assert not {constraints(r) for r in train} & {constraints(r) for r in held}
+    assert [constraints(r) for r in held] == [constraints(r) for r in phrased]
+    train_words = {compose.prompt_of(s, t) for s in compose.all_specs() for t in (0, 1)}
+    assert {r["prompt"] for r in train + held} <= train_words  # the main evaluation: training wordings
+    assert not {r["prompt"] for r in phrased} & train_words    # the second: held-out phrasings only
+    assert train[0]["prompt"] == "two zeros"
 
 
 def test_every_spec_has_a_layout_its_constraints_accept():
@@ -111,3 +122,21 @@ def test_short_compose_run_through_fmrl_train(cluster, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "reward/compose" in r]
     assert len(train_rows) == 2 and all(0.0 <= r["reward/compose"] <= 1.0 for r in train_rows)
+
+
+def test_fmrl_eval_of_a_compose_checkpoint_hands_the_rewards_metadata(tmp_path):
+    from services.eval_cmd import evaluate_checkpoint
+
+    torch.manual_seed(0)
+    policy = tmp_path / "p.safetensors"
+    save_velocity(build_sd3_velocity(dict(compose.COMPOSE_TRANSFORMER_CONFIG, num_layers=1)), policy)
+    held = tmp_path / "held.jsonl"
+    rows = _rows("compose_eval.jsonl")
+    held.write_text("".join(json.dumps(rows[i]) + "\n" for i in (0, 26)))
+    result = evaluate_checkpoint(policy, str(ROOT / "configs" / "compose_ac_flow.yaml"), samples=2,
+                                 out=tmp_path / "ev", overrides=[f"policy.checkpoint={policy}",
+                                                                  f"eval.dataset.path={held}",
+                                                                  "eval.grid_columns=2"])
+    assert result["prompts"] == [rows[0]["prompt"], rows[26]["prompt"]]
+    assert 0.0 <= result["rewards"]["compose"] <= 1.0
+    assert 0.0 <= result["accuracy"] <= 1.0  # the held-out evaluator's all-or-nothing accuracy

@@ -139,3 +139,27 @@ def test_load_applies_a_changed_learning_rate_and_keeps_the_schedule(tmp_path):
         if p_same.requires_grad:
             torch.testing.assert_close(p_half - start[n], 0.5 * (p_same - start[n]), rtol=1e-3, atol=1e-8)
     assert any(not torch.equal(p, start[n]) for n, p in same.policy.named_parameters())
+
+
+def test_a_checkpoint_is_not_continued_under_other_learner_settings(tmp_path):
+    """A changed objective setting (a new default after an upgrade included) is refused on load,
+    naming it; the learning rate may change; settings an older file lacks count as changed."""
+    import json as _json
+
+    from learner.learner import _check_settings_kept
+    from learner.rules import settings_json
+    from learner.settings import DiffusionNFTParams, LearnerSettings
+
+    s = LearnerSettings(objective="diffusion_nft")
+    saved = _json.loads(settings_json(s))
+    _check_settings_kept(saved, _json.loads(settings_json(LearnerSettings(objective="diffusion_nft", lr=1e-3))), tmp_path)
+    other = LearnerSettings(objective="diffusion_nft", diffusion_nft=DiffusionNFTParams(beta=0.5))
+    with pytest.raises(ValueError, match=r"diffusion_nft\.beta: 1\.0 → 0\.5"):
+        _check_settings_kept(saved, _json.loads(settings_json(other)), tmp_path)
+    del saved["diffusion_nft"]["loss"]  # a file written before the released loss existed
+    with pytest.raises(ValueError, match=r"diffusion_nft\.loss: absent → released"):
+        _check_settings_kept(saved, _json.loads(settings_json(s)), tmp_path)
+    # another objective's section is not this run's business
+    saved = _json.loads(settings_json(s))
+    del saved["flow_grpo"]
+    _check_settings_kept(saved, _json.loads(settings_json(s)), tmp_path)

@@ -284,7 +284,7 @@ def test_registry_builds_each_kind(tmp_path, clip_dir, images):
 
 
 def test_registry_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="unknown reward 'hps'; valid: aesthetic, clip, digits_classifier, "
+    with pytest.raises(ValueError, match="unknown reward 'hps'; valid: aesthetic, clip, compose, digits_classifier, "
                                          "jpeg_compressibility, jpeg_incompressibility, pickscore, python, target_image"):
         build_reward("hps")
 
