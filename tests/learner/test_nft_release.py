@@ -243,11 +243,14 @@ def test_ema_once_per_refresh_and_batch_tracker_resume(tmp_path):
                               strict=True):
         torch.testing.assert_close(pr, 0.002 * po + 0.998 * pt, rtol=1e-6, atol=1e-7)
         assert torch.equal(pr, qr)
-    # a buffer-tracker learner refuses the batch tracker's checkpoint
+    # a buffer-tracker learner refuses the batch tracker's checkpoint: first the learner, naming the
+    # setting, and the tracker itself when handed the state
     other = _nft_learner(**{**kw, "diffusion_nft": DiffusionNFTParams(
         timestep_fraction=0.5, tracker=dataclasses.replace(DiffusionNFTParams().tracker, mode="buffer"))})
-    with pytest.raises(ValueError, match="saved by a 'batch' tracker"):
+    with pytest.raises(ValueError, match=r"diffusion_nft\.tracker\.mode: batch → buffer"):
         other.load(tmp_path / "ck")
+    with pytest.raises(ValueError, match="saved by a 'batch' tracker"):
+        other.rule.tracker.load_state_dict(ln.rule.tracker.state_dict())
 
 
 def test_configs_map_to_the_release_and_the_velocity_variant():
