@@ -1,5 +1,7 @@
-"""`fmrl eval`: a checkpoint's samples scored by every configured reward, the held-out
-classifier (digits world) and diversity, with a sample grid — in this process, no cluster.
+"""`fmrl eval`: a checkpoint's samples scored by every configured reward (with the evaluation dataset's
+prompt metadata, as a run hands them), the world's held-out reader (digits world: the SVM; compose
+world: the held-out evaluator's all-or-nothing accuracy) and diversity, with a sample grid — in this
+process, no cluster.
 
 The samples are the run's own evaluation (CFG-free ODE, noise seeded per prompt from
 ``eval.seed``), so evaluating a run's final checkpoint reproduces its "after" figures.
@@ -25,8 +27,8 @@ from samplers.sampler import Sampler
 from samplers.text import PromptEncoder
 from samplers.trajectory import Trajectory
 from services.config import PolicyConfig, TrainConfig, load_config
-from services.datasets import text_lines
-from services.evaluation import eval_plan, evaluation_of
+from services.datasets import load_prompts, text_lines
+from services.evaluation import eval_plan, evaluation_of, heldout_evaluator
 from services.export import run_of
 from services.report import eval_grid
 from services.rewards import RewardStage, component_means
@@ -65,11 +67,15 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
     sampler = Sampler(parts.velocity, parts.encode, parts.decode, parts.latent_shape,
                       num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=1.0, keep_states=False)
     traj = sampler.rollout(prompts, n, seeds, cfg_scale=1.0, kind="ode")
-    scored = RewardStage(cfg.reward).score(traj.images, traj.prompt_list())
+    meta = None if prompts_file is not None else eval_prompt_metadata(cfg)
+    per_sample = None if meta is None else [m for m in meta for _ in range(n)]  # prompt-major, as the images
+    scored = RewardStage(cfg.reward).score(traj.images, traj.prompt_list(), per_sample)
     images = traj.images.reshape(len(prompts), n, *traj.images.shape[1:])
     accuracy = None
     if cfg.policy.kind == "digits" and all(_is_digit_prompt(p) for p in prompts):
         accuracy = float(HeldoutSVM()(traj.images, traj.prompt_list()).scores.mean())
+    elif cfg.policy.kind == "compose" and per_sample is not None:  # all-or-nothing, the held-out evaluator
+        accuracy = float(heldout_evaluator(cfg)(traj.images, traj.prompt_list(), per_sample).scores.mean())
     ev = evaluation_of(-1, prompts, images, scored["scores"], accuracy)
     stamp = f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     out = out or ((run / stamp) if run is not None else Path(stamp))
@@ -83,6 +89,14 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     result["out"] = str(out)
     return result
+
+
+def eval_prompt_metadata(cfg: TrainConfig) -> list[dict] | None:
+    """The evaluation prompts' dataset metadata (eval_plan's order), as a run hands them to its
+    rewards (services/driver.py ``eval_metadata``), or None when no dataset gives any."""
+    if cfg.rollout.dataset is None and cfg.eval.dataset is None:
+        return None
+    return list(load_prompts(cfg).eval.metadata)
 
 
 def _is_digit_prompt(p: str) -> bool:
