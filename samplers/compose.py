@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samplers.digits import DIGIT_WORDS, to_pixels, to_uint8  # noqa: F401 - the world's pixel maps
+from samplers.digits import DIGIT_WORDS, DIGITS_TRANSFORMER_CONFIG, to_pixels, to_uint8  # noqa: F401 - the world's pixel maps
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 POLICY_FILE = ASSETS / "compose_policy.safetensors"
@@ -40,19 +40,7 @@ MAX_COUNT = 3
 #: (0.63 M parameters): the digits world's transformer at the digits world's cost per step
 #: (patch 2, 64 tokens, measured 3× slower a step on the 2-core build machine, would not fit a
 #: training run in 10 minutes there).
-COMPOSE_TRANSFORMER_CONFIG: dict[str, object] = {
-    "sample_size": CELL * GRID,
-    "patch_size": 4,
-    "in_channels": 1,
-    "out_channels": 1,
-    "num_layers": 4,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 384,
-    "caption_projection_dim": 64,
-    "pooled_projection_dim": 384,
-    "pos_embed_max_size": 4,
-}
+COMPOSE_TRANSFORMER_CONFIG: dict[str, object] = {**DIGITS_TRANSFORMER_CONFIG, "sample_size": CELL * GRID, "patch_size": 4}
 
 _PLURALS = {"six": "sixes"}
 _COUNT_WORDS = {1: "a single", 2: "two", 3: "three"}

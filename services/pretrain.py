@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +35,21 @@ def measure_prompt_accuracy(sampler: Sampler, svm: HeldoutSVM, reward: DigitsCla
             "reward": float(out.scores.mean()), "cnn_accuracy": float(out.details["correct"].mean())}
 
 
-def pretrain_digits(out: Path, steps: int = 800, seed: int = 0, eval_samples: int = 50) -> dict[str, object]:
+def pretrain_with_progress(model: Any, data: torch.Tensor, cond: Any, uncond: Any, settings: PretrainSettings,
+                           desc: str) -> Any:
+    """``pretrain_flow_matching`` with a progress bar (the loss every 50 steps); returns the EMA model."""
     from tqdm import tqdm
+
+    with tqdm(total=settings.steps, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        return pretrain_flow_matching(model, data, cond, uncond, settings, on_step)
+
+
+def pretrain_digits(out: Path, steps: int = 800, seed: int = 0, eval_samples: int = 50) -> dict[str, object]:
 
     # one thread: this model is too small for intra-op parallelism to pay (measured
     # 0.15 s/step on 1 thread, 0.26 s/step on 2 on the 2-core build machine)
@@ -49,13 +63,7 @@ def pretrain_digits(out: Path, steps: int = 800, seed: int = 0, eval_samples: in
     model = build_sd3_velocity(dict(digits.DIGITS_TRANSFORMER_CONFIG))
     settings = PretrainSettings(steps=steps, seed=seed)
     t0 = time.time()
-    with tqdm(total=steps, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
-        def on_step(step: int, loss: float) -> None:
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-
-        ema = pretrain_flow_matching(model, data, encoder.encode(prompts), encoder.encode([""]), settings, on_step)
+    ema = pretrain_with_progress(model, data, encoder.encode(prompts), encoder.encode([""]), settings, "pretrain")
     train_s = time.time() - t0
     sampler = Sampler(ema, encoder.encode, digits.to_uint8, digits.IMAGE_SHAPE, num_steps=10, keep_states=False)
     svm, reward = HeldoutSVM(split), DigitsClassifierReward()

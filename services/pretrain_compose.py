@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.pretrain import PretrainSettings, pretrain_flow_matching
+from learner.pretrain import PretrainSettings
 from reward_workers.compose import ComposeReward, HeldoutComposeEvaluator
 from reward_workers.digits import load_split
 from samplers import compose, digits
 from samplers.policy import build_sd3_velocity, save_velocity
 from samplers.sampler import Sampler
 from samplers.text import PromptEmbeddings, PromptEncoder
+from services.pretrain import pretrain_with_progress
 
 TRAIN_CANVASES = 20_000
 REAL_SEED = 7
@@ -76,7 +77,6 @@ def measure(sampler: Sampler, reward: ComposeReward, evaluator: HeldoutComposeEv
 
 def pretrain_compose(out: Path, steps: int = 1500, seed: int = 0, eval_samples: int = 16,
                      canvases: int = TRAIN_CANVASES) -> dict[str, object]:
-    from tqdm import tqdm
 
     torch.set_num_threads(1)  # as pretrain-digits: too small a model for intra-op threads to pay
     split = load_split()
@@ -88,13 +88,7 @@ def pretrain_compose(out: Path, steps: int = 1500, seed: int = 0, eval_samples: 
     model = build_sd3_velocity(dict(compose.COMPOSE_TRANSFORMER_CONFIG))
     settings = PretrainSettings(steps=steps, seed=seed, warmup_steps=min(200, steps // 4 + 1))
     t0 = time.time()
-    with tqdm(total=steps, desc="pretrain-compose", unit="step", dynamic_ncols=True) as bar:
-        def on_step(step: int, loss: float) -> None:
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-
-        ema = pretrain_flow_matching(model, data, cond, encoder.encode([""]), settings, on_step)  # type: ignore[arg-type]
+    ema = pretrain_with_progress(model, data, cond, encoder.encode([""]), settings, "pretrain-compose")
     train_s = time.time() - t0
     report: dict[str, object] = {
         "command": f"fmrl pretrain-compose --steps {steps} --seed {seed} --eval-samples {eval_samples}"

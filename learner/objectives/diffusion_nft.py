@@ -57,6 +57,17 @@ WEIGHT_FLOOR = 1e-5
 """The adaptive weight's lower clip (scripts/train_nft_sd3.py:945, 953)."""
 
 
+def _with_reference(losses: torch.Tensor, stats: dict[str, torch.Tensor], v_theta: torch.Tensor,
+                    v_ref: torch.Tensor | None, ref_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Both losses' reference term: + ref_weight·‖v_θ − v_ref‖², reported as ``ref_reg`` whenever v_ref is given."""
+    if v_ref is not None:
+        ref_reg = sq_norm(v_theta - v_ref.detach())
+        if ref_weight > 0:
+            losses = losses + ref_weight * ref_reg
+        stats["ref_reg"] = ref_reg.mean().detach()
+    return losses, stats
+
+
 def nft_optimality(advantages: torch.Tensor, a_max: float) -> torch.Tensor:
     """Optimality probability r = clip(A / A_max / 2 + 0.5, 0, 1). advantages (B,) → (B,)."""
     if not a_max > 0:
@@ -106,12 +117,7 @@ def diffusion_nft_loss(
         "old_gap": sq_norm(v_theta - old).mean().detach(),
         "r_mean": r.mean(),
     }
-    if v_ref is not None:
-        ref_reg = sq_norm(v_theta - v_ref.detach())
-        if ref_weight > 0:
-            losses = losses + ref_weight * ref_reg
-        stats["ref_reg"] = ref_reg.mean().detach()
-    return losses, stats
+    return _with_reference(losses, stats, v_theta, v_ref, ref_weight)
 
 
 def diffusion_nft_released_loss(
@@ -177,12 +183,7 @@ def diffusion_nft_released_loss(
         "old_gap": sq_norm(v_theta - old).mean().detach(),
         "r_mean": r.mean(),
     }
-    if v_ref is not None:
-        ref_reg = sq_norm(v_theta - v_ref.detach())
-        if ref_weight > 0:
-            losses = losses + ref_weight * ref_reg
-        stats["ref_reg"] = ref_reg.mean().detach()
-    return losses, stats
+    return _with_reference(losses, stats, v_theta, v_ref, ref_weight)
 
 
 def nft_training_times(grid: torch.Tensor, samples: int, fraction: float,
