@@ -216,9 +216,12 @@ class ACFlowRule:
             w = critic_weights(shaped, family="exp", tau=self.p.tau)  # ORW weights on r̃
         else:
             w = critic_weights(adv, family=self.p.weighting, tau=self.p.tau)
+        ess = float(effective_sample_size(w))
+        if self.p.centre_weights:  # mean 1 (0 when every linear weight clipped): flat weights give no gradient
+            w = w - w.mean()
         prep["weights"] = w[b.mine]
         stats = {"adv_std": float(adv.std()), "adv_clip_fraction": clip_frac, "warmup": float(warming),
-                 "ess": float(effective_sample_size(w)),
+                 "ess": ess,
                  "zero_spread_groups": tstats["zero_spread_groups"]}
         return prep, stats, not (warming and self.p.warmup_actor == "frozen")
 

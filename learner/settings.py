@@ -55,6 +55,7 @@ class ACFlowParams:
     critic_norm: Literal["none", "layer"] = "none"
     critic_t_samples: int = 1
     critic_states: Literal["interpolant", "rollout"] = "interpolant"
+    centre_weights: bool = False  # [ours] w − mean(w): no gradient from flat weights (needs α ≥ 1)
     tracker: TrackerParams = field(default_factory=TrackerParams)
 
 

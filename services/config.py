@@ -293,7 +293,18 @@ class ACFlowConfig(_Strict):
     critic_states: Literal["interpolant", "rollout"] = Field(
         "interpolant", description="The critic trains on interpolants x_t = (1 − t)x0 + tε, or on the rollout's "
         "recorded states (needs rollout.keep_states: true); rollout also values the actor's baseline there.")
+    centre_weights: bool = Field(False, description="[ours] Subtract the batch mean from the critic weights (w − 1): "
+                                 "flat weights then give no gradient, so the actor does not drift towards its own "
+                                 "samples where the critic sees no difference (docs/compose.md); needs alpha ≥ 1 so "
+                                 "every sample's loss (w − 1)·FM + α·W2 stays convex.")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+    @model_validator(mode="after")
+    def _centred_convex(self) -> ACFlowConfig:
+        if self.centre_weights and self.alpha < 1:
+            raise ValueError(f"centre_weights needs alpha >= 1 (got {self.alpha}): a sample's loss (w − 1)·FM + "
+                             "α·W2 is convex only while w − 1 + α > 0, and w − 1 reaches −1")
+        return self
 
 
 class AdvantageFlowConfig(_Strict):

@@ -166,3 +166,24 @@ def test_warmup_actor_frozen_or_orw(actor):
     stats = ln.update(fake_batch(), REWARDS)
     moved = any(not torch.equal(v, before[k]) for k, v in ln.policy.state_dict().items())
     assert stats["warmup"] == 1.0 and moved == (actor == "orw")
+
+
+def test_centred_weights_are_the_critic_weights_minus_their_mean_and_need_alpha_one():
+    from learner.rules import Batch
+
+    def weights(centre: bool) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        ln = _ac_learner(alpha=1.0, tau=2.0, centre_weights=centre)
+        traj = fake_batch()
+        b = Batch(traj.states[:, -1], ln.encode(list(traj.prompts)).index(traj.prompt_ids), REWARDS,
+                  traj.prompt_list(), traj.prompt_ids, traj.states, traj.times)
+        prep, stats, _ = ln.rule.prepare(ln, b)
+        return prep["weights"], stats
+
+    plain, s_plain = weights(False)
+    centred, s_centred = weights(True)
+    assert plain.mean().item() == pytest.approx(1.0, abs=1e-6) and plain.std() > 0.1
+    torch.testing.assert_close(centred, plain - plain.mean(), rtol=0, atol=1e-7)
+    assert abs(centred.sum().item()) < 1e-5 and s_centred["ess"] == s_plain["ess"]  # ESS of the uncentred weights
+    with pytest.raises(ConfigError, match="centre_weights needs alpha >= 1"):
+        load_config(None, ["algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=0.5"])
