@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from learner.group import LearnerGroup, full_tensor, local_like
-from learner.objectives.diffusion_nft import rollout_ema_decay
-from learner.pretrain import ema_update
+from learner.pretrain import ema_update, rollout_ema_decay
 from learner.rules import Batch, Prepared, build_rule, settings_json
-from learner.settings import LearnerSettings
+from learner.settings import LearnerSettings, flatten
 from samplers.policy import (
     AdapterDisabled,
     RolloutAdapter,
@@ -72,14 +71,8 @@ def _check_settings_kept(saved: dict[str, Any], now: dict[str, Any], d: Path) ->
     """Refuse to continue a checkpoint under other learner settings than it was trained with
     (a changed default after an upgrade included), naming the first few; a setting the saved
     file lacks (written by an older fmrl) is reported only for the objective being run."""
-    def flat(x: dict[str, Any], pre: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in x.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
     section = {"orw_cfm_w2": "orw"}.get(now["objective"], now["objective"])
-    old, new = flat(saved), flat(now)
+    old, new = flatten(saved), flatten(now)
     mine = [k for k in new if "." not in k or k.startswith(section + ".")]
     diff = [k for k in mine if k not in _RESUMABLE_SETTINGS and old.get(k, "absent") != new[k]]
     if diff:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from learner.settings import EmaSchedule
 from samplers.flow import interpolate, sample_training_times, velocity_target
 from samplers.policy import SD3Velocity
 from samplers.text import PromptEmbeddings
@@ -35,6 +36,30 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     for pt, ps in zip(target.parameters(), source.parameters(), strict=True):
         if ps.requires_grad:
             pt.lerp_(ps, 1.0 - decay)
+
+
+# DiffusionNFT's ``return_decay`` (scripts/train_nft_sd3.py:169–189): decay_type → (flat, uprate, uphold)
+_NFT_DECAY = {"nft_decay0": (0, 0.0, 0.0), "nft_decay1": (0, 0.001, 0.5), "nft_decay2": (75, 0.0075, 0.999)}
+
+
+def rollout_ema_decay(schedule: EmaSchedule, step: int, constant: float) -> float:
+    """The decay d of π_old ← d·π_old + (1 − d)·π_θ after optimiser step ``step`` (1-based).
+
+    ``constant``: d = ``constant`` (the learner's rollout_ema_decay). The release's
+    ``return_decay`` [code] (scripts/train_nft_sd3.py:169–189, applied once per epoch at
+    1034–1039 with the number of optimiser steps so far): d = 0 for step < flat, else
+    min((step − flat)·rate, cap) with (flat, rate, cap) = ``nft_decay0``: (0, 0, 0) (a copy),
+    ``nft_decay1``: (0, 0.001, 0.5) (config/nft.py:60, the default), ``nft_decay2``:
+    (75, 0.0075, 0.999) (config/nft.py:78, OCR).
+    """
+    if schedule == "constant":
+        return constant
+    if schedule not in _NFT_DECAY:
+        raise ValueError(f"unknown EMA schedule {schedule!r}; valid: constant, {', '.join(sorted(_NFT_DECAY))}")
+    flat, rate, cap = _NFT_DECAY[schedule]
+    if step < flat:
+        return 0.0
+    return min((step - flat) * rate, cap)
 
 
 def pretrain_flow_matching(

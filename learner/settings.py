@@ -7,8 +7,22 @@ tree); services.config validates user input and maps it onto these.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves under dotted keys ({"a": {"b": 1}} → {"a.b": 1}); an empty dict
+    is a leaf. Shared by the learner's and the run's checks that a resume keeps its settings."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+EmaSchedule = Literal["constant", "nft_decay0", "nft_decay1", "nft_decay2"]
 ObjectiveName = Literal["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft", "flow_grpo", "awm"]
 
 
@@ -141,6 +155,6 @@ class LearnerSettings:
     rollout_update: Literal["copy", "ema"] = "copy"
     rollout_refresh_every: int = 1
     rollout_ema_decay: float = 0.9
-    rollout_ema_schedule: Literal["constant", "nft_decay0", "nft_decay1", "nft_decay2"] = "constant"
+    rollout_ema_schedule: EmaSchedule = "constant"
     rollout_ema_every: Literal["step", "refresh"] = "step"
     seed: int = 0

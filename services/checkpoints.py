@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from learner.settings import flatten
 from samplers.policy import replace_atomically, save_diffusers_layout, tensor_file_metadata
 from services.config import TrainConfig, load_config
 from services.evaluation import Evaluation
@@ -35,20 +36,10 @@ RESUME_SECTIONS = ("metrics.", "resources.")
 RESUME_FIXED = ("resources.num_samplers", "resources.torch_threads")  # change the batch's float arithmetic
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_overrides(saved: TrainConfig, cfg: TrainConfig) -> None:
     """Refuse, naming them and what may change, the keys in which ``cfg`` differs from the run's
     ``saved`` config that a resumed run could not honour (run.name and run.out_dir locate the run)."""
-    old, new = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    old, new = flatten(saved.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
                      and k not in ("run.name", "run.out_dir"))
     bad = [k for k in changed if k in RESUME_FIXED or not (k in RESUME_KEYS or k.startswith(RESUME_SECTIONS))]

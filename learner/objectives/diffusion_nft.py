@@ -37,22 +37,16 @@ i.e. β times AdvantageFlow's loss with advantage Â, γ(Â) = β − Â and λ 
 constant in θ. Its curvature Â + γ = β > 0, so DiffusionNFT is convex for every r.
 
 Also here, as pure functions of scalars: the release's training-time draw from the sampling
-grid (``nft_training_times``) and its schedules of the old policy's soft update
-(``rollout_ema_decay``), which the learner applies.
+grid (``nft_training_times``). Its schedules of the old policy's soft update are learner
+state: ``learner.pretrain.rollout_ema_decay``, beside the EMA itself.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 
 from learner.objectives.weighted import sq_norm
 
-EmaSchedule = Literal["constant", "nft_decay0", "nft_decay1", "nft_decay2"]
-
-# the release's ``return_decay`` (scripts/train_nft_sd3.py:169–189): decay_type → (flat, uprate, uphold)
-_NFT_DECAY = {"nft_decay0": (0, 0.0, 0.0), "nft_decay1": (0, 0.001, 0.5), "nft_decay2": (75, 0.0075, 0.999)}
 WEIGHT_FLOOR = 1e-5
 """The adaptive weight's lower clip (scripts/train_nft_sd3.py:945, 953)."""
 
@@ -207,23 +201,3 @@ def nft_training_times(grid: torch.Tensor, samples: int, fraction: float,
     perms = torch.stack([torch.randperm(k, generator=generator) for _ in range(samples)]) if samples else \
         torch.empty(0, k, dtype=torch.long)
     return grid[:-1].cpu()[perms[:, :m]]
-
-
-def rollout_ema_decay(schedule: EmaSchedule, step: int, constant: float) -> float:
-    """The decay d of π_old ← d·π_old + (1 − d)·π_θ after optimiser step ``step`` (1-based).
-
-    ``constant``: d = ``constant`` (the learner's rollout_ema_decay). The release's
-    ``return_decay`` [code] (scripts/train_nft_sd3.py:169–189, applied once per epoch at
-    1034–1039 with the number of optimiser steps so far): d = 0 for step < flat, else
-    min((step − flat)·rate, cap) with (flat, rate, cap) = ``nft_decay0``: (0, 0, 0) (a copy),
-    ``nft_decay1``: (0, 0.001, 0.5) (config/nft.py:60, the default), ``nft_decay2``:
-    (75, 0.0075, 0.999) (config/nft.py:78, OCR).
-    """
-    if schedule == "constant":
-        return constant
-    if schedule not in _NFT_DECAY:
-        raise ValueError(f"unknown EMA schedule {schedule!r}; valid: constant, {', '.join(sorted(_NFT_DECAY))}")
-    flat, rate, cap = _NFT_DECAY[schedule]
-    if step < flat:
-        return 0.0
-    return min((step - flat) * rate, cap)

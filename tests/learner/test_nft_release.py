@@ -22,8 +22,8 @@ from learner.objectives.diffusion_nft import (
     diffusion_nft_released_loss,
     nft_optimality,
     nft_training_times,
-    rollout_ema_decay,
 )
+from learner.pretrain import rollout_ema_decay
 from learner.settings import DiffusionNFTParams
 from samplers.digits import IMAGE_SHAPE, to_uint8
 from samplers.flow import sampling_sigmas

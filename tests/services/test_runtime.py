@@ -100,7 +100,7 @@ def test_the_lag_bound_holds_and_the_pipeline_overlaps(cluster, tmp_path, small_
 
 def test_torch_distributed_sync_with_a_sampler_and_the_reward_killed_mid_run(cluster, tmp_path, small_policy, reference):
     cfg = _cfg(tmp_path, small_policy, "killed", **{"pipeline.weight_sync": "torch_distributed",
-                                                    "pipeline.sync_timeout_s": 60})
+                                                    "pipeline.sync_timeout_s": 30})
     thread, box = _in_thread(lambda: train(cfg))
     _wait_for(tmp_path / "killed" / "eval_before.npz", thread)
     ray.kill(ray.get_actor("fmrl-killed-sampler-1"), no_restart=False)  # Ray restarts them
@@ -108,9 +108,12 @@ def test_torch_distributed_sync_with_a_sampler_and_the_reward_killed_mid_run(clu
     thread.join(300)
     assert "error" not in box, box.get("error")
     totals = box["result"]["pipeline"]
-    # the restarted sampler was resynced, and whatever it lost or rolled out with its initial
-    # weights was redone: the run equals the uninterrupted one, so nothing counted twice
-    assert totals["resyncs"] >= 1 and totals["redone_lost"] + totals["dropped_stale"] > 0, totals
+    # the restarted sampler was resynced (it starts from the initial checkpoint and has left the
+    # broadcast group, so this always happens); whether it also lost a rollout depends on when
+    # the kill lands (between two rollouts it loses none: redone_lost and dropped_stale may be 0).
+    # Whatever it lost or rolled out with its initial weights was redone: the run equals the
+    # uninterrupted one, so nothing counted twice
+    assert totals["resyncs"] >= 1, totals
     assert _comparable(tmp_path / "killed") == _comparable(reference[0])
 
 
