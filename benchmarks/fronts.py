@@ -70,19 +70,22 @@ def front_gap(p: Point, front: list[Point]) -> float:
     return max(0.0, max(better) - p.reward) if better else 0.0
 
 
-def matched_diversity(points: list[Point]) -> float:
-    """The largest diversity every method reaches at some knob value: the minimum over methods
-    of the method's most diverse point. Comparing methods only among points at or above it
-    keeps one method from winning reward by spending diversity the others kept."""
-    by_method: dict[str, float] = {}
-    for p in points:
-        by_method[p.method] = max(by_method.get(p.method, -math.inf), p.diversity)
-    return min(by_method.values())
+def matched_diversity(base_diversity: float, keep: float) -> float:
+    """The diversity floor of a matched comparison: a fraction ``keep`` of the base policy's.
+    Methods are compared only by their points at or above it, so that none wins reward by
+    spending diversity the others kept. A fixed fraction of the base (not the least any
+    method reaches) keeps the floor meaningful when a method was measured at one setting only:
+    such a method simply has no point above a floor it cannot keep."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must lie in (0, 1], got {keep}")
+    return keep * base_diversity
 
 
-def best_at_diversity(points: list[Point], method: str, floor: float) -> Point | None:
-    """The method's highest-reward point whose mean diversity is at least ``floor``."""
-    ok = [p for p in points if p.method == method and p.diversity >= floor - 1e-12]
+def best_at_diversity(points: list[Point], method: str, floor: float, family: bool = False) -> Point | None:
+    """The method's highest-reward point whose mean diversity is at least ``floor``;
+    ``family``: among the method and its variants (methods named ``<method>_…``)."""
+    ok = [p for p in points if (p.method == method or (family and p.method.startswith(method + "_")))
+          and p.diversity >= floor - 1e-12]
     return max(ok, key=lambda p: p.reward) if ok else None
 
 

@@ -49,14 +49,21 @@ def test_front_gap_uses_only_points_that_keep_at_least_as_much_diversity():
     assert fr.front_gap(b, front) == 0.0
 
 
-def test_matched_diversity_is_the_most_every_method_keeps_and_the_best_point_above_it_wins():
+def test_matched_diversity_is_a_fraction_of_the_base_and_the_best_point_above_it_wins():
     pts = [pt("m", "k=1", 0.99, 0.6), pt("m", "k=2", 0.90, 1.4),
-           pt("n", "k=1", 0.97, 0.9), pt("n", "k=2", 0.93, 1.1)]
-    floor = fr.matched_diversity(pts)
-    assert floor == pytest.approx(1.1)  # n's most diverse point; m keeps up to 1.4
-    assert fr.best_at_diversity(pts, "m", floor).knob == "k=2"
+           pt("n", "k=1", 0.97, 0.9), pt("n", "k=2", 0.93, 1.1),
+           pt("m_centred", "k=1", 0.95, 1.2), pt("o", "k=1", 1.0, 0.4)]
+    floor = fr.matched_diversity(2.0, 0.5)
+    assert floor == pytest.approx(1.0)  # half the base's diversity
+    assert fr.best_at_diversity(pts, "m", floor).knob == "k=2"  # 0.90 at 1.4; k=1 spends too much
     assert fr.best_at_diversity(pts, "n", floor).knob == "k=2"
+    assert fr.best_at_diversity(pts, "o", floor) is None  # measured only below the floor
+    # the family: m and its variants m_…; the variant's 0.95 at 1.2 beats m's own 0.90
+    best = fr.best_at_diversity(pts, "m", floor, family=True)
+    assert (best.method, best.reward) == ("m_centred", 0.95)
     assert fr.best_at_diversity(pts, "n", 1.5) is None
+    with pytest.raises(ValueError, match="keep must lie"):
+        fr.matched_diversity(2.0, 0.0)
 
 
 def test_welch_matches_scipy_and_the_hand_computed_statistic():
