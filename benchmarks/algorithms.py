@@ -70,9 +70,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
            "AC-Flow, critic on recorded rollout states",
            ("algorithm.ac_flow.critic_states=rollout", "rollout.keep_states=true")),
-    # weights minus their batch mean (docs/compose.md): convex only for α ≥ 1
-    Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.alpha", (1.0, 2.0, 4.0),
-           "AC-Flow α, centred weights", ("algorithm.ac_flow.centre_weights=true",)),
+    # weights minus their batch mean (docs/compose.md): convex only for α ≥ 1, so α stays at 1
+    # and the trade-off is the weights' temperature τ (the config's own 2 first)
+    Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
+           "AC-Flow τ, centred weights, α = 1", ("algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=1")),
     Method("ac_flow_critic_t4", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
            "AC-Flow, critic on 4 t per sample", ("algorithm.ac_flow.critic_t_samples=4",)),
     Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.5, 0.25, 1.0), "ORW-CFM-W2 α"),
