@@ -74,6 +74,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # and the trade-off is the weights' temperature τ (the config's own 2 first)
     Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
            "AC-Flow τ, centred weights, α = 1", ("algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=1")),
+    # centred weights and the W2 term towards π_old (an EMA of π_θ, as AdvantageFlow's rollout
+    # policy): a moving trust region instead of a fixed tilt of the reference
+    Method("ac_flow_trust", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
+           "AC-Flow τ, centred, W2 to π_old (EMA 0.9), α = 1",
+           ("algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=1", "algorithm.ac_flow.anchor=rollout",
+            "learner.rollout_update=ema")),
     Method("ac_flow_critic_t4", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
            "AC-Flow, critic on 4 t per sample", ("algorithm.ac_flow.critic_t_samples=4",)),
     Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.5, 0.25, 1.0), "ORW-CFM-W2 α"),

@@ -228,9 +228,10 @@ class ACFlowRule:
     def losses(self, ln: Learner, mb: Prepared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = cond_of(mb)
         v = ln.actor(mb["x_t"], mb["t"], c)
+        anchor = ln.rollout if self.p.anchor == "rollout" else ln.reference
         with torch.no_grad():
-            v_ref = ln.reference(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
-        return ac_flow_actor_loss(v, mb["u"], v_ref, mb["weights"], alpha=self.p.alpha)
+            v_anchor = anchor(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
+        return ac_flow_actor_loss(v, mb["u"], v_anchor, mb["weights"], alpha=self.p.alpha)
 
     def _critic_draws(self, ln: Learner, b: Batch) -> Prepared:
         """The critic's states beyond the actor's interpolant: ``critic_x`` (n, k', C, H, W) and

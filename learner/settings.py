@@ -70,6 +70,7 @@ class ACFlowParams:
     critic_t_samples: int = 1
     critic_states: Literal["interpolant", "rollout"] = "interpolant"
     centre_weights: bool = False  # [ours] w − mean(w): no gradient from flat weights (needs α ≥ 1)
+    anchor: Literal["reference", "rollout"] = "reference"  # the W2 term's other policy: π_ref or [ours] π_old
     tracker: TrackerParams = field(default_factory=TrackerParams)
 
 

@@ -297,6 +297,11 @@ class ACFlowConfig(_Strict):
                                  "flat weights then give no gradient, so the actor does not drift towards its own "
                                  "samples where the critic sees no difference (docs/compose.md); needs alpha ≥ 1 so "
                                  "every sample's loss (w − 1)·FM + α·W2 stays convex.")
+    anchor: Literal["reference", "rollout"] = Field(
+        "reference", description="The policy the W2 term α‖v_θ − v‖² holds the actor to: the frozen reference "
+        "(the paper's Wasserstein regularisation: a fixed tilt of π_ref, the diversity keeper), or [ours] the "
+        "rollout policy π_old (a moving trust region, as AdvantageFlow's γ term; with learner.rollout_update: copy "
+        "and one update a batch π_old is π_θ at the step, so use it with rollout_update: ema).")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
     @model_validator(mode="after")

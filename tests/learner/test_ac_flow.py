@@ -187,3 +187,37 @@ def test_centred_weights_are_the_critic_weights_minus_their_mean_and_need_alpha_
     assert abs(centred.sum().item()) < 1e-5 and s_centred["ess"] == s_plain["ess"]  # ESS of the uncentred weights
     with pytest.raises(ConfigError, match="centre_weights needs alpha >= 1"):
         load_config(None, ["algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=0.5"])
+
+
+def test_the_w2_anchor_is_the_reference_or_the_rollout_policy():
+    """anchor: reference holds the actor to π_ref; anchor: rollout to π_old. The losses' ``w2``
+    is the mean square of v_θ − v_anchor, the networks' own: with π_old = π_θ (a fresh
+    learner's copy) and a moved π_ref, it is that distance for the reference anchor and zero
+    for the rollout anchor."""
+    from learner.rules import Batch, cond_of
+
+    def w2(anchor: str) -> tuple[float, float, float]:
+        torch.manual_seed(0)
+        ln = _ac_learner(alpha=1.0, anchor=anchor)
+        with torch.no_grad():  # move the reference away from π_θ = π_old
+            for p in ln.reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        traj = fake_batch()
+        b = Batch(traj.states[:, -1], ln.encode(list(traj.prompts)).index(traj.prompt_ids), REWARDS,
+                  traj.prompt_list(), traj.prompt_ids, traj.states, traj.times)
+        prep, _, _ = ln.rule.prepare(ln, b)
+        _, stats = ln.rule.losses(ln, prep)
+        with torch.no_grad():
+            c = cond_of(prep)
+            v = ln.actor(prep["x_t"], prep["t"], c)
+            to_ref = (v - ln.reference(prep["x_t"], prep["t"], c)).pow(2).flatten(1).mean(1).mean()
+            to_old = (v - ln.rollout(prep["x_t"], prep["t"], c)).pow(2).flatten(1).mean(1).mean()
+        return float(stats["w2"]), float(to_ref), float(to_old)
+
+    w2_ref, to_ref, to_old = w2("reference")
+    assert to_old == 0.0 and to_ref > 1e-3
+    assert w2_ref == pytest.approx(to_ref, rel=1e-5)
+    w2_old, to_ref2, _ = w2("rollout")
+    assert w2_old == 0.0 and to_ref2 == pytest.approx(to_ref, rel=1e-6)
+    with pytest.raises(ConfigError, match="anchor"):
+        load_config(None, ["algorithm.ac_flow.anchor=previous"])
