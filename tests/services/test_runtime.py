@@ -108,12 +108,12 @@ def test_torch_distributed_sync_with_a_sampler_and_the_reward_killed_mid_run(clu
     thread.join(300)
     assert "error" not in box, box.get("error")
     totals = box["result"]["pipeline"]
-    # the restarted sampler was resynced (it starts from the initial checkpoint and has left the
-    # broadcast group, so this always happens); whether it also lost a rollout depends on when
-    # the kill lands (between two rollouts it loses none: redone_lost and dropped_stale may be 0).
-    # Whatever it lost or rolled out with its initial weights was redone: the run equals the
-    # uninterrupted one, so nothing counted twice
-    assert totals["resyncs"] >= 1, totals
+    # the driver noticed the restarted sampler (it starts from the initial checkpoint outside the
+    # broadcast group): it resynced it, or the next broadcast failed and went through the object
+    # store. Which, and whether a rollout was lost, depends on when the kill lands (between two
+    # rollouts none is: redone_lost and dropped_stale may be 0). Whatever it lost or rolled out
+    # with its initial weights was redone: the run equals the uninterrupted one
+    assert totals["resyncs"] + totals["broadcast_failures"] >= 1, totals
     assert _comparable(tmp_path / "killed") == _comparable(reference[0])
 
 
