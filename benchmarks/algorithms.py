@@ -87,7 +87,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("advantage_flow", "advantage_flow", "algorithm.advantage_flow.gamma", (1.1, 2.0, 4.0), "AdvantageFlow γ"),
     Method("diffusion_nft", "diffusion_nft", "algorithm.diffusion_nft.beta", (1.0, 0.1, 0.3), "DiffusionNFT β"),
     Method("flow_grpo", "flow_grpo", "algorithm.flow_grpo.kl_beta", (0.04, 0.01, 0.16), "Flow-GRPO KL β"),
-    Method("flow_grpo_fast", "flow_grpo_fast", "algorithm.flow_grpo.kl_beta", (0.04,), "Flow-GRPO-Fast KL β"),
+    # the released Fast config trains without a KL (β = 0); its knob adds one
+    Method("flow_grpo_fast", "flow_grpo_fast", "algorithm.flow_grpo.kl_beta", (0.0, 0.01, 0.04), "Flow-GRPO-Fast KL β"),
     Method("awm", "awm", "algorithm.awm.beta", (0.003, 0.001, 0.03), "AWM KL β"),
 )}
 THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.35, 0.45, 0.55)}  # compose base: 0.285
