@@ -108,4 +108,5 @@ def welch(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float]:
 
 def verdict(p: float, alpha: float = 0.05) -> str:
     """The words the docs may use for a p-value."""
-    return f"p = {p:.3f}" + ("" if p < alpha else ", not significant")
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return shown + ("" if p < alpha else ", not significant")

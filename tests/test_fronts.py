@@ -76,6 +76,7 @@ def test_welch_matches_scipy_and_the_hand_computed_statistic():
     assert fr.welch((1.0, 1.0), (1.0, 1.0)) == (0.0, 1.0)
     assert fr.welch((1.0, 1.0), (0.5, 0.5)) == (math.inf, 0.0)
     assert fr.verdict(0.2) == "p = 0.200, not significant" and fr.verdict(0.01) == "p = 0.010"
+    assert fr.verdict(0.0004) == "p < 0.001"
     with pytest.raises(ValueError, match="two values per side"):
         fr.welch((1.0,), (1.0, 2.0))
 
