@@ -35,7 +35,8 @@ from samplers.sampler import Sampler
 from tests.helpers import table_encode, tiny_velocity
 
 WORLD = 2
-OBJECTIVES = ["orw_cfm_w2", "ac_flow", "advantage_flow", "diffusion_nft", "flow_grpo", "awm"]
+# ac_flow_trust: AC-Flow with centred weights and its W2 term towards an EMA π_old (anchor: rollout)
+OBJECTIVES = ["orw_cfm_w2", "ac_flow", "ac_flow_trust", "advantage_flow", "diffusion_nft", "flow_grpo", "awm"]
 CASES = [(o, lora) for o in OBJECTIVES for lora in (False, True)]
 RESUMED = [("ac_flow", True), ("diffusion_nft", False)]  # FSDP checkpoints: a LoRA and a full policy
 PROMPTS = ["a handwritten one", "a handwritten two", "a handwritten three"]
@@ -43,7 +44,8 @@ TRACKER = TrackerParams(buffer_size=8, min_count=4)  # per-prompt statistics fro
 TOL = 1e-4  # float32 reduction order: measured ~1e-6 (see the module docstring)
 
 
-def _settings(objective: str) -> LearnerSettings:
+def _settings(case: str) -> LearnerSettings:
+    objective = "ac_flow" if case == "ac_flow_trust" else case
     s = LearnerSettings(
         objective=objective, lr=1e-2, warmup_steps=0, micro_batch_size=4, seed=3,
         orw=ORWParams(normalize_weights=True),
@@ -53,8 +55,11 @@ def _settings(objective: str) -> LearnerSettings:
         awm=AWMParams(t_samples=2, tracker=dataclasses.replace(TRACKER, global_std=True)),
         flow_grpo=FlowGRPOParams(clip_eps=0.2, tracker=dataclasses.replace(TRACKER, global_std=True)),
     )
-    if objective in ("advantage_flow", "diffusion_nft"):
+    if case in ("advantage_flow", "diffusion_nft", "ac_flow_trust"):
         s = dataclasses.replace(s, rollout_update="ema", rollout_ema_decay=0.5)
+    if case == "ac_flow_trust":
+        s = dataclasses.replace(s, ac_flow=dataclasses.replace(s.ac_flow, centre_weights=True, alpha=1.0,
+                                                               anchor="rollout"))
     return s
 
 
@@ -97,7 +102,7 @@ def _train(objective: str, lora: bool, group: LearnerGroup, resume_at: int | Non
         stats.append(ln.update(mine, rewards, traj.prompt_list()))
     out.update({"delta": {k: v - start[k] for k, v in ln.publish(current=True).state.items()},
                 "rollout": {k: v - published[k] for k, v in ln.publish().state.items()}, "stats": stats})
-    if objective == "ac_flow":
+    if objective.startswith("ac_flow"):
         out["critic"] = {k: v.detach().clone() for k, v in ln.rule.critic.state_dict().items()}
     return out
 
