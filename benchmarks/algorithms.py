@@ -228,6 +228,23 @@ def section(bench: str, points: list[Point], base: dict, seeds: list[int], pictu
     return "\n".join(out)
 
 
+def partial(plan: list[tuple], done: dict[tuple, Path]) -> str:
+    """A note naming the planned runs that are not there (empty when every one is): per bench and
+    method, the knob values with their missing seeds."""
+    missing: dict[tuple[str, str], dict[float, list[int]]] = {}
+    for b, m, v, s in plan:
+        if (b, m.name, v, s) not in done:
+            missing.setdefault((b, m.name), {}).setdefault(v, []).append(s)
+    if not missing:
+        return ""
+    parts = [f"{b} {m} " + ", ".join(f"{METHODS[m].knob.rsplit('.', 1)[1]}={v:g} (seed{'s' if len(ss) > 1 else ''} "
+                                    f"{', '.join(map(str, ss))})" for v, ss in vals.items())
+             for (b, m), vals in missing.items()]
+    n = sum(len(ss) for vals in missing.values() for ss in vals.values())
+    return (f"> **Partial**: {n} of the {len(plan)} planned runs are not made yet, so some points below have fewer "
+            f"seeds (no ±) or are missing: {'; '.join(parts)}.\n\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benches", nargs="*", default=list(BENCHES), choices=BENCHES)
@@ -281,7 +298,8 @@ def main() -> None:
                                     {t: tuple(r["reach"][t] for r in runs) for t in THRESHOLDS[b]}))
         if points and base is not None:
             sections.append(section(b, points, base, args.seeds, ROOT / "docs" / "images" / f"front_{b}.png"))
-    text = (f"# Bench results\n\nMade at commit {commit()} by `python {' '.join(sys.argv)}` on the 2-core build machine "
+    text = (f"# Bench results\n\n{partial(plan, done)}Made at commit {commit()} by `python {' '.join(sys.argv)}` "
+            "on the 2-core build machine "
             "(runs present in the runs directory are reused). Reward and diversity are the run's final CFG-free "
             "evaluation; held-out is the evaluation-only model's accuracy; \"samples to x\": rollouts until the "
             "5-iteration moving average of the batch reward first reaches x (mean over seeds; — when a seed never did).\n\n"
