@@ -96,6 +96,11 @@ FLAGSHIP = "ac_flow"
 KEEP = (0.5, 0.75)  # matched-diversity floors: these fractions of the base policy's diversity
 
 
+def flagship(method: str) -> bool:
+    """AC-Flow or one of its levers (the variants ``ac_flow_…``)."""
+    return method == FLAGSHIP or method.startswith(FLAGSHIP + "_")
+
+
 def commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
@@ -191,7 +196,7 @@ def section(bench: str, points: list[Point], base: dict, seeds: list[int], pictu
     out = [f"## {bench}\n", f"![{bench} front]({rel})\n", table(points, th, base), ""]
     out.append("On the front (no other point has at least its reward and its diversity): "
                + ", ".join(f"{p.method} {p.knob}" for p in front) + ".")
-    flag = [p for p in points if p.method == FLAGSHIP or p.method.startswith(FLAGSHIP + "_")]
+    flag = [p for p in points if flagship(p.method)]
     if flag:
         def name(p: Point) -> str:
             return p.knob if p.method == FLAGSHIP else f"{p.method} {p.knob}"
@@ -211,7 +216,7 @@ def section(bench: str, points: list[Point], base: dict, seeds: list[int], pictu
         seeded = [p for p in points if len(p.rewards) > 1]
         mine = best_at_diversity(seeded, FLAGSHIP, floor, family=True) or best_at_diversity(points, FLAGSHIP, floor,
                                                                                             family=True)
-        others = [m for m in dict.fromkeys(p.method for p in points) if not m.startswith(FLAGSHIP)]
+        others = [m for m in dict.fromkeys(p.method for p in points) if not flagship(m)]
         missing = []
         for m, p in [(FLAGSHIP, mine), *[(m, best_at_diversity(points, m, floor)) for m in others]]:
             if p is None:

@@ -62,6 +62,7 @@ from services.datasets import (
 from services.evaluation import (
     Evaluation,
     eval_due,
+    eval_metadata,
     eval_plan,
     evaluation_of,
     heldout_evaluator,
@@ -505,13 +506,6 @@ def batch_plan(cfg: TrainConfig, it: int, source: Prompts | None = None) -> tupl
     """Iteration ``it``'s prompts and their noise seeds (:func:`plan_iteration` without metadata)."""
     prompts, seeds, _ = plan_iteration(cfg, it, source)
     return prompts, seeds
-
-
-def eval_metadata(cfg: TrainConfig) -> list[dict] | None:
-    """The evaluation prompts' metadata (eval_plan's order), or None when no dataset gives any."""
-    if cfg.rollout.dataset is None and cfg.eval.dataset is None:
-        return None
-    return list(load_prompts(cfg).eval.metadata)
 
 
 def write_outputs(run_dir: Path, before: Evaluation, after: Evaluation, extra: dict[str, Any],

@@ -27,8 +27,8 @@ from samplers.sampler import Sampler
 from samplers.text import PromptEncoder
 from samplers.trajectory import Trajectory
 from services.config import PolicyConfig, TrainConfig, load_config
-from services.datasets import load_prompts, text_lines
-from services.evaluation import eval_plan, evaluation_of, heldout_evaluator
+from services.datasets import text_lines
+from services.evaluation import eval_metadata, eval_plan, evaluation_of, heldout_evaluator
 from services.export import run_of
 from services.report import eval_grid
 from services.rewards import RewardStage, component_means
@@ -67,7 +67,7 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
     sampler = Sampler(parts.velocity, parts.encode, parts.decode, parts.latent_shape,
                       num_steps=cfg.policy.num_steps, shift=cfg.policy.shift, cfg_scale=1.0, keep_states=False)
     traj = sampler.rollout(prompts, n, seeds, cfg_scale=1.0, kind="ode")
-    meta = None if prompts_file is not None else eval_prompt_metadata(cfg)
+    meta = None if prompts_file is not None else eval_metadata(cfg)
     per_sample = None if meta is None else [m for m in meta for _ in range(n)]  # prompt-major, as the images
     scored = RewardStage(cfg.reward).score(traj.images, traj.prompt_list(), per_sample)
     images = traj.images.reshape(len(prompts), n, *traj.images.shape[1:])
@@ -89,14 +89,6 @@ def evaluate_checkpoint(checkpoint: Path, config: str | None = None, prompts_fil
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     result["out"] = str(out)
     return result
-
-
-def eval_prompt_metadata(cfg: TrainConfig) -> list[dict] | None:
-    """The evaluation prompts' dataset metadata (eval_plan's order), as a run hands them to its
-    rewards (services/driver.py ``eval_metadata``), or None when no dataset gives any."""
-    if cfg.rollout.dataset is None and cfg.eval.dataset is None:
-        return None
-    return list(load_prompts(cfg).eval.metadata)
 
 
 def _is_digit_prompt(p: str) -> bool:

@@ -28,6 +28,16 @@ def eval_plan(cfg: Any, prompts: list[str] | None = None) -> tuple[list[str], li
     return prompts, [seed_for(cfg.eval.seed, i) for i in range(len(prompts))]
 
 
+def eval_metadata(cfg: Any) -> list[dict] | None:  # noqa: ANN401
+    """The evaluation prompts' dataset metadata (eval_plan's order), handed to the rewards with
+    each prompt's samples by a run and by ``fmrl eval`` alike; None when no dataset gives any."""
+    if cfg.rollout.dataset is None and cfg.eval.dataset is None:
+        return None
+    from services.datasets import load_prompts  # it imports seed_for from here
+
+    return list(load_prompts(cfg).eval.metadata)
+
+
 def heldout_evaluator(cfg: Any) -> Any | None:  # noqa: ANN401
     """The world's evaluation-only reader, which never feeds training: the digits world's RBF SVM
     (accuracy: it reads the prompted digit), the compose world's ``HeldoutComposeEvaluator``

@@ -50,7 +50,6 @@ def pretrain_with_progress(model: Any, data: torch.Tensor, cond: Any, uncond: An
 
 
 def pretrain_digits(out: Path, steps: int = 800, seed: int = 0, eval_samples: int = 50) -> dict[str, object]:
-
     # one thread: this model is too small for intra-op parallelism to pay (measured
     # 0.15 s/step on 1 thread, 0.26 s/step on 2 on the 2-core build machine)
     torch.set_num_threads(1)

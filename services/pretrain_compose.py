@@ -77,7 +77,6 @@ def measure(sampler: Sampler, reward: ComposeReward, evaluator: HeldoutComposeEv
 
 def pretrain_compose(out: Path, steps: int = 1500, seed: int = 0, eval_samples: int = 16,
                      canvases: int = TRAIN_CANVASES) -> dict[str, object]:
-
     torch.set_num_threads(1)  # as pretrain-digits: too small a model for intra-op threads to pay
     split = load_split()
     images, prompts, ids = compose.training_set(canvases, split.train_images, split.train_labels, seed)
