@@ -1,7 +1,7 @@
 """Compare the methods on the embedded benches through `fmrl train` (not run in CI).
 
 For every bench (digits, compose), method and value of the method's own trade-off knob
-(ORW / AC-Flow α, DiffusionNFT β, Flow-GRPO KL β, AdvantageFlow γ, AWM's regulariser), and
+(ORW α, AC-Flow τ, DiffusionNFT β, Flow-GRPO KL β, AdvantageFlow γ, AWM's regulariser), and
 every seed, one real `fmrl train --config configs/<bench>_<method>.yaml` subprocess at the
 same rollout budget. Then, per bench: a table (final reward, held-out accuracy, diversity,
 rollouts to each reward threshold; mean ± std over seeds), the reward-versus-diversity
@@ -63,25 +63,26 @@ class Method:
 
 # each method's knob values start with its config's own (`--knob-index 0`: the defaults only)
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("ac_flow", "ac_flow", "algorithm.ac_flow.alpha", (0.5, 0.25, 1.0), "AC-Flow α"),
-    # AC-Flow's levers (docs/algorithms.md), each at the flagship's own α
-    Method("ac_flow_orw_warmup", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
+    # the default: centred critic weights, the W2 term towards π_old (an EMA of π_θ, as
+    # AdvantageFlow's rollout policy), α = 1 (the least α that keeps centred weights convex),
+    # so the trade-off is the weights' temperature τ (the config's own 2 first)
+    Method("ac_flow", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0), "AC-Flow τ (centred, W2 to π_old)"),
+    # AC-Flow's levers (docs/algorithms.md), each at the default's own τ
+    Method("ac_flow_orw_warmup", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, actor on ORW weights in warm-up", ("algorithm.ac_flow.warmup_actor=orw",)),
-    Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
+    Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, critic on recorded rollout states",
            ("algorithm.ac_flow.critic_states=rollout", "rollout.keep_states=true")),
-    # weights minus their batch mean (docs/compose.md): convex only for α ≥ 1, so α stays at 1
-    # and the trade-off is the weights' temperature τ (the config's own 2 first)
-    Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
-           "AC-Flow τ, centred weights, α = 1", ("algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=1")),
-    # centred weights and the W2 term towards π_old (an EMA of π_θ, as AdvantageFlow's rollout
-    # policy): a moving trust region instead of a fixed tilt of the reference
-    Method("ac_flow_trust", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
-           "AC-Flow τ, centred, W2 to π_old (EMA 0.9), α = 1",
-           ("algorithm.ac_flow.centre_weights=true", "algorithm.ac_flow.alpha=1", "algorithm.ac_flow.anchor=rollout",
-            "learner.rollout_update=ema")),
-    Method("ac_flow_critic_t4", "ac_flow", "algorithm.ac_flow.alpha", (0.5,),
+    Method("ac_flow_critic_t4", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, critic on 4 t per sample", ("algorithm.ac_flow.critic_t_samples=4",)),
+    # AC-Flow as the paper states it: the critic's weights w and a fixed W2 tilt of π_ref,
+    # rollouts from π_θ; its trade-off is α (the default before the π_old anchor)
+    Method("ac_flow_tilt", "ac_flow", "algorithm.ac_flow.alpha", (0.5, 0.25, 1.0), "AC-Flow α, W2 to π_ref (paper)",
+           ("algorithm.ac_flow.centre_weights=false", "algorithm.ac_flow.anchor=reference",
+            "learner.rollout_update=copy")),
+    # centred weights with the W2 term towards π_ref (docs/compose.md: not enough on its own)
+    Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
+           "AC-Flow τ, centred, W2 to π_ref", ("algorithm.ac_flow.anchor=reference", "learner.rollout_update=copy")),
     Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.5, 0.25, 1.0), "ORW-CFM-W2 α"),
     # γ + λ must exceed A_max = 1 (convexity): γ = 1.1 is the restated default
     Method("advantage_flow", "advantage_flow", "algorithm.advantage_flow.gamma", (1.1, 2.0, 4.0), "AdvantageFlow γ"),

@@ -276,7 +276,7 @@ class TrackerConfig(_Strict):
 
 class ACFlowConfig(_Strict):
     tau: Float = Field(2.0, ge=0, le=100, description="Temperature of the critic weighting g(τ·A).")
-    alpha: Float = Field(0.5, ge=0, description="Weight of the W2 regulariser.")
+    alpha: Float = Field(1.0, ge=0, description="Weight of the W2 regulariser (≥ 1 with centre_weights).")
     weighting: Literal["exp", "linear", "softplus"] = Field("exp", description="Critic weighting family, normalised to mean 1.")
     shaping: Literal["none", "clip", "tanh"] = Field("tanh", description="Squash of per-prompt-normalised rewards.")
     shaping_limit: Float = Field(1.0, gt=0, description="Shaped rewards lie in [−limit, limit].")
@@ -293,15 +293,16 @@ class ACFlowConfig(_Strict):
     critic_states: Literal["interpolant", "rollout"] = Field(
         "interpolant", description="The critic trains on interpolants x_t = (1 − t)x0 + tε, or on the rollout's "
         "recorded states (needs rollout.keep_states: true); rollout also values the actor's baseline there.")
-    centre_weights: bool = Field(False, description="[ours] Subtract the batch mean from the critic weights (w − 1): "
+    centre_weights: bool = Field(True, description="[ours] Subtract the batch mean from the critic weights (w − 1): "
                                  "flat weights then give no gradient, so the actor does not drift towards its own "
                                  "samples where the critic sees no difference (docs/compose.md); needs alpha ≥ 1 so "
-                                 "every sample's loss (w − 1)·FM + α·W2 stays convex.")
+                                 "every sample's loss (w − 1)·FM + α·W2 stays convex. false: the paper's weights w.")
     anchor: Literal["reference", "rollout"] = Field(
-        "reference", description="The policy the W2 term α‖v_θ − v‖² holds the actor to: the frozen reference "
-        "(the paper's Wasserstein regularisation: a fixed tilt of π_ref, the diversity keeper), or [ours] the "
-        "rollout policy π_old (a moving trust region, as AdvantageFlow's γ term; with learner.rollout_update: copy "
-        "and one update a batch π_old is π_θ at the step, so use it with rollout_update: ema).")
+        "rollout", description="The policy the W2 term α‖v_θ − v‖² holds the actor to: [ours] the rollout policy "
+        "π_old (a moving trust region, as AdvantageFlow's γ term; AC-Flow presets learner.rollout_update: ema, "
+        "since with a copy and one update a batch π_old is π_θ at the step), or the frozen reference (the "
+        "paper's Wasserstein regularisation: a fixed tilt of π_ref; with centre_weights: false, alpha 0.5 and "
+        "learner.rollout_update: copy the bench's ac_flow_tilt, AC-Flow as the paper states it).")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
     @model_validator(mode="after")
@@ -397,7 +398,7 @@ class LearnerConfig(_Strict):
     updates_per_batch: Int = Field(1, ge=1, description="Optimiser steps on each rollout batch.")
     rollout_refresh_every: Int = Field(1, ge=1, description="H: a new published version of π_old every H steps.")
     rollout_update: Literal["copy", "ema"] = Field("copy", description="π_old ← π_θ at each refresh, or an EMA of π_θ "
-                                                   "(rollout_ema_every, rollout_ema_schedule).")
+                                                   "(rollout_ema_every, rollout_ema_schedule); AC-Flow presets ema.")
     rollout_ema_decay: Float = Field(0.9, ge=0, lt=1, description="EMA decay of π_old when rollout_update is 'ema' "
                                      "and rollout_ema_schedule is 'constant'.")
     rollout_ema_schedule: Literal["constant", "nft_decay0", "nft_decay1", "nft_decay2"] = Field(
@@ -637,6 +638,11 @@ class EvalConfig(_Strict):
 
 
 PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "ac_flow": {
+        "learner.rollout_update": ("ema", "π_old, the rollout policy and the W2 term's anchor (algorithm.ac_flow."
+                                          "anchor: rollout), trails π_θ as an EMA (learner.rollout_ema_decay): "
+                                          "a moving trust region; a copy is π_θ itself at each step"),
+    },
     "flow_grpo": {
         "policy.sampler": ("sde", "its clipped ratio and KL are per-step Gaussian log-probs, which only the "
                                   "SDE sampler records (the ODE is deterministic: no log-prob)"),
@@ -644,9 +650,10 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     },
 }
 """Per-algorithm presets: choosing ``algorithm.name`` sets these keys (value, why), each unless
-the config file, an override or the Python caller gave it. A value given that conflicts is
-not replaced: validation refuses it, naming the key. The other algorithms train on the
-default ODE rollouts and need none."""
+the config file, an override or the Python caller gave it; the default algorithm's apply
+when none is named. A value given that conflicts is not replaced: validation refuses it,
+naming the key. The other algorithms train on the default ODE rollouts with π_old a copy
+(their configs state their own rollout policy)."""
 
 
 def _given(data: Any, keys: list[str]) -> tuple[bool, Any]:
@@ -695,7 +702,9 @@ class TrainConfig(_Strict):
         # the raw input is what the user set (file + overrides, or the Python caller's arguments)
         if not isinstance(data, dict):
             return data
-        _, name = _given(data, ["algorithm", "name"])
+        given, name = _given(data, ["algorithm", "name"])
+        if not given:
+            name = AlgorithmConfig.model_fields["name"].default
         for key, (value, _) in PRESETS.get(name if isinstance(name, str) else "", {}).items():
             if not _given(data, key.split("."))[0]:
                 data = _with(data, key.split("."), value)
@@ -709,6 +718,15 @@ class TrainConfig(_Strict):
                                  "log-probs)")
             if not self.rollout.keep_states:
                 raise ValueError("algorithm flow_grpo needs rollouts that keep their states (rollout.keep_states: true)")
+        return self
+
+    @model_validator(mode="after")
+    def _anchor_moves(self) -> TrainConfig:
+        ln = self.learner
+        if self.algorithm.name == "ac_flow" and self.algorithm.ac_flow.anchor == "rollout" \
+                and ln.rollout_update == "copy" and ln.updates_per_batch == 1 and ln.rollout_refresh_every == 1:
+            raise ValueError("algorithm.ac_flow.anchor rollout with learner.rollout_update copy and one update "
+                             "a batch has no W2 term (π_old is π_θ); use rollout_update: ema or anchor: reference")
         return self
 
     @model_validator(mode="after")

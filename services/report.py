@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -277,13 +278,21 @@ def summary_table(before: Evaluation, after: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def _curves(train: list[dict], path: Path) -> Path:
-    return _save(curves_figure(train), path, dpi=100)
+def _curves(train: list[dict], path: Path, w2_anchor: str) -> Path:
+    return _save(curves_figure(train, w2_anchor), path, dpi=100)
 
 
-def curves_figure(train: list[dict]) -> Figure:
+def w2_anchor(config: dict) -> str:
+    """The policy a run's logged W2 term measures the distance to: "old" where AC-Flow anchors
+    it at the rollout policy π_old, else "ref" (the frozen reference)."""
+    a = config.get("algorithm") or {}
+    return "old" if a.get("name") == "ac_flow" and (a.get("ac_flow") or {}).get("anchor") == "rollout" else "ref"
+
+
+def curves_figure(train: list[dict], w2_anchor: str = "ref") -> Figure:
     """Three panels from the training rows: each reward component, batch diversity against the
-    training reward (coloured by iteration), and the W2 bound (when the objective reports it)."""
+    training reward (coloured by iteration), and the W2 term (when the objective reports it),
+    the distance to π_ref (ORW-CFM-W2's bound) or, with ``w2_anchor="old"``, to π_old."""
     it = np.array([r["iteration"] for r in train])
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     ax = axes[0]
@@ -306,12 +315,12 @@ def curves_figure(train: list[dict]) -> Figure:
     ax = axes[2]
     if any("w2" in r for r in train):
         ax.plot(it, [r.get("w2", np.nan) for r in train], color="tab:purple", lw=1.5)
-        ax.set_ylabel("mean ‖v_θ − v_ref‖² per element")
+        ax.set_ylabel(f"mean ‖v_θ − v_{w2_anchor}‖² per element")
     else:
         ax.text(0.5, 0.5, "this objective reports no W2 term", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("iteration")
     _integer_ticks(ax.xaxis)
-    ax.set_title("W2 bound (ORW-CFM-W2, Thm 3)", fontsize=10)
+    ax.set_title("W2 bound (ORW-CFM-W2, Thm 3)" if w2_anchor == "ref" else "W2 trust region (to π_old)", fontsize=10)
     ax.grid(alpha=0.3)
     return fig
 
@@ -371,7 +380,8 @@ def write_report(run_dir: Path, summary: dict, table: str) -> Path:
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
-    curves = _curves(train, run_dir / "report_curves.png") if train else None
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    curves = _curves(train, run_dir / "report_curves.png", w2_anchor(yaml.safe_load(config) or {})) if train else None
     evals = [r for r in rows if r.get("kind") == "eval" and "iteration" in r]
     eval_curves = _save(eval_curves_figure(evals), run_dir / "report_eval_curves.png", dpi=100) if evals else None
     parts = [f"<h1>fmrl run {html.escape(run_dir.name)}</h1>",
@@ -383,7 +393,6 @@ def write_report(run_dir: Path, summary: dict, table: str) -> Path:
     if eval_curves is not None:
         parts += ["<h2>Evaluations during training: rewards, diversity, reward-hacking watch</h2>",
                   _img(eval_curves)]
-    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     parts += ["<h2>Summary</h2>", f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>",
               "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>"]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>fmrl " + html.escape(run_dir.name) +

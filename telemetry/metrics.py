@@ -77,8 +77,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("fmrl_critic_loss", "gauge", "", "AC-Flow's critic regression loss on the last batch."),
     Metric("fmrl_critic_explained_variance_ratio", "gauge", "ratio",
            "Share of the shaped-reward variance AC-Flow's critic explains on the last batch."),
-    Metric("fmrl_w2_bound", "gauge", "", "Mean ‖v_θ − v_ref‖² per element on the last batch: the integrand of "
-           "ORW-CFM-W2's bound on W2²(π_θ, π_ref)."),
+    Metric("fmrl_w2_bound", "gauge", "", "Mean ‖v_θ − v_anchor‖² per element on the last batch, the objective's "
+           "W2 term: to π_ref, the integrand of ORW-CFM-W2's bound on W2²(π_θ, π_ref), or to π_old where AC-Flow "
+           "anchors it there (its default)."),
     Metric("fmrl_learner_loss", "gauge", "", "The objective's mean per-sample loss on the last batch."),
     Metric("fmrl_learner_steps_total", "counter", "", "Optimiser steps of the learner."),
     Metric("fmrl_batch_diversity", "gauge", "", "Mean pairwise distance between a prompt's samples in the last "

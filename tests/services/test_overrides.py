@@ -175,7 +175,7 @@ def test_aliases_in_text_and_list_values_stay_bounded():
 # ---- presets ------------------------------------------------------------------------------------
 
 def test_every_preset_is_explained_and_gives_a_valid_config():
-    assert "flow_grpo" in PRESETS
+    assert {"flow_grpo", "ac_flow"} <= set(PRESETS)
     for name, preset in PRESETS.items():
         cfg = load_config(None, [f"algorithm.name={name}"])
         for key, (value, why) in preset.items():
@@ -209,6 +209,27 @@ def test_a_key_the_user_set_is_not_replaced_by_a_preset(tmp_path, where):
     assert load_config(f, ["algorithm.name=flow_grpo"]).learner_settings().flow_grpo.cfg_scale == 4.5
     with pytest.raises(ValueError, match="flow_grpo needs policy.sampler: sde"):
         TrainConfig(policy={"sampler": "ode"}, algorithm={"name": "flow_grpo"})
+
+
+def test_ac_flow_presets_an_ema_rollout_policy_for_its_pi_old_anchor(tmp_path):
+    """AC-Flow's W2 term holds the actor to π_old by default, so π_old trails π_θ as an EMA: the
+    preset applies to the default algorithm too, a value given stays, and the one setting where
+    the term would vanish (a copy refreshed every step, one update a batch) is refused."""
+    assert load_config(None).learner.rollout_update == "ema"
+    assert TrainConfig().learner.rollout_update == "ema"
+    assert load_config(None, ["algorithm.name=ac_flow"]).learner_settings().rollout_update == "ema"
+    assert load_config(None, ["algorithm.name=orw_cfm_w2"]).learner.rollout_update == "copy"
+    paper = ["algorithm.ac_flow.anchor=reference", "algorithm.ac_flow.centre_weights=false",
+             "algorithm.ac_flow.alpha=0.5", "learner.rollout_update=copy"]
+    s = load_config(None, paper).learner_settings()
+    assert (s.rollout_update, s.ac_flow.anchor, s.ac_flow.centre_weights, s.ac_flow.alpha) == ("copy", "reference", False, 0.5)
+    f = tmp_path / "c.yaml"
+    f.write_text("learner:\n  rollout_update: copy\n")
+    with pytest.raises(ConfigError, match=r"anchor rollout with learner.rollout_update copy and one update a batch has no "
+                                          r"W2 term \(π_old is π_θ\)"):
+        load_config(f)
+    assert load_config(f, ["learner.updates_per_batch=2"]).learner.rollout_update == "copy"
+    assert load_config(f, ["algorithm.ac_flow.anchor=reference"]).learner.rollout_update == "copy"
 
 
 def test_a_preset_leaves_the_callers_objects_alone():

@@ -121,3 +121,20 @@ def test_iteration_axes_have_integer_ticks(tmp_path: Path, iterations: int) -> N
     assert iterations > 5 or _integral_ticks(ax.xaxis, 0, last) != []
     plt.close(fig)
     assert report.reward_curve(metrics, tmp_path / "curve.png").is_file()
+
+
+def test_the_w2_panel_names_the_policy_the_term_measures_the_distance_to():
+    """AC-Flow anchored at π_old logs ‖v_θ − v_old‖², the other W2 terms ‖v_θ − v_ref‖²: the
+    panel's label follows the run's config."""
+    import matplotlib.pyplot as plt
+
+    configs = {"old": {"algorithm": {"name": "ac_flow", "ac_flow": {"anchor": "rollout"}}},
+               "ref": {"algorithm": {"name": "ac_flow", "ac_flow": {"anchor": "reference"}}}}
+    assert {k: report.w2_anchor(c) for k, c in configs.items()} == {"old": "old", "ref": "ref"}
+    assert report.w2_anchor({"algorithm": {"name": "orw_cfm_w2", "ac_flow": {"anchor": "rollout"}}}) == "ref"
+    train = [{"iteration": i, "reward_mean": 0.5, "diversity": 1.0, "w2": 0.1 * i} for i in range(3)]
+    for anchor, title in (("old", "W2 trust region (to π_old)"), ("ref", "W2 bound (ORW-CFM-W2, Thm 3)")):
+        fig = report.curves_figure(train, anchor)
+        w2 = fig.axes[2]
+        assert (w2.get_ylabel(), w2.get_title()) == (f"mean ‖v_θ − v_{anchor}‖² per element", title)
+        plt.close(fig)
