@@ -50,7 +50,7 @@ def stage_times(cfg, repeats: int) -> dict[str, float]:  # noqa: ANN001 - a Trai
             ray.wait([scores])
             t_rew = time.perf_counter() - t
             t = time.perf_counter()
-            ray.get(actors.learner.update.remote(scores, *trajs))
+            ray.get(actors.learner.update.remote(scores, None, 0, *trajs))
             t_learn = time.perf_counter() - t
             t = time.perf_counter()
             for _ in range(20):
