@@ -232,7 +232,7 @@ def test_resume_overrides_the_checkpoint_would_ignore_are_refused(tmp_path, smal
                 "run.checkpoint_every": 1, "pipeline.weight_sync": "torch_distributed"},):
         check_resume_overrides(saved, short_config(tmp_path, small_policy, **ok))
     for key, value in (("run.seed", 3), ("learner.weight_decay", 0.1), ("learner.warmup_steps", 2),
-                       ("algorithm.name", "orw_cfm_w2"), ("resources.num_samplers", 1),
+                       ("algorithm.name", "orw_cfm_w2"), ("resources.num_samplers", 2),
                        ("eval.samples_per_prompt", 4), ("pipeline.max_policy_lag", 1)):
         with pytest.raises(ValueError, match=rf"--resume cannot change {key}(, [a-z_.]+)*: .* may change only run.iterations"):
             check_resume_overrides(saved, short_config(tmp_path, small_policy, **{key: value}))

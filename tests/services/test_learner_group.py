@@ -25,7 +25,7 @@ def _rows(run) -> list[dict]:
 def test_resources_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_path, small_policy):
     # first in this module: before the shared cluster starts, so train() starts an embedded one
     cfg = short_config(tmp_path, small_policy, name="lacks", **{"resources.num_learners": 2,
-                                                                "resources.learner_gpus": 1, "resources.ray_num_cpus": 1})
+                                                                "resources.num_samplers": 2, "resources.learner_gpus": 1, "resources.ray_num_cpus": 1})
     from services.actors import PlacementError
 
     with pytest.raises(PlacementError) as err:
@@ -39,8 +39,7 @@ def test_resources_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_p
 
 
 def test_two_learner_ranks_train_as_one_survive_a_lost_rank_by_resuming(cluster, tmp_path, small_policy, monkeypatch):
-    # one sampler: the batch (4 prompts × 3) is the same, and each run starts one actor fewer
-    algo = {"algorithm.name": "ac_flow", "algorithm.ac_flow.warmup_steps": 1, "resources.num_samplers": 1}
+    algo = {"algorithm.name": "ac_flow", "algorithm.ac_flow.warmup_steps": 1}
     one = train(short_config(tmp_path, small_policy, name="one", iterations=2, **algo))
 
     # two ranks (DDP); rank 1 is killed once iteration 0's row is written, so the checkpoint after

@@ -267,7 +267,7 @@ def test_a_run_from_a_jsonl_dataset_logs_to_tensorboard_what_metrics_jsonl_holds
 
     out = capsys.readouterr().out.splitlines()
     samples = 1 * cfg.eval.samples_per_prompt  # the evaluation set's one prompt
-    phases = ["starting 2 samplers, 1 learner, 1 reward actor", f"baseline evaluation ({samples} samples)",
+    phases = ["starting 1 sampler, 1 learner, 1 reward actor", f"baseline evaluation ({samples} samples)",
               f"final evaluation ({samples} samples)"]
     assert [x for x in out if x in phases] == phases
     assert any(x.startswith("warning: this run makes 3 learner steps") for x in out)  # warm-up is 20

@@ -58,7 +58,7 @@ def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster,
     # does not train on (JPEG compressibility) beside the held-out classifier
     unseen = '[{"kind": "digits_classifier"}, {"kind": "jpeg_compressibility"}]'
     cfg = short_config(tmp_path / "runs", small_policy, name="m", iterations=60,
-                       **{"metrics.port": port, "eval.every": 20, "eval.rewards": unseen})
+                       **{"metrics.port": port, "eval.every": 20, "eval.rewards": unseen, "resources.num_samplers": 2})
     # deploy/'s own config and alerts, scraping every second; it finds the run (its driver and,
     # with no Ray dashboard here, Ray's metrics agent) from runs/prometheus/m.json
     deploy = tmp_path / "deploy"

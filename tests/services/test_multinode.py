@@ -50,7 +50,7 @@ def _cfg(out, policy, name, **extra):
     return short_config(out, policy, name=name, iterations=3, **{
         "rollout.prompts": PROMPTS, "algorithm.ac_flow.warmup_steps": 1,
         "resources.sampler_resources": "{inference_gpu: 1}", "resources.learner_resources": "{training_gpu: 1}",
-        "resources.num_learners": 2, "resources.learner_cpus": 1, **extra})
+        "resources.num_learners": 2, "resources.learner_cpus": 1, "resources.num_samplers": 2, **extra})
 
 
 def _rows(run_dir, kind="train"):

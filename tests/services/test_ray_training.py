@@ -11,7 +11,7 @@ from tests.services.conftest import short_config
 
 
 def _cfg(tmp_path, small_policy, **extra):
-    return short_config(tmp_path, small_policy, **extra)
+    return short_config(tmp_path, small_policy, **{"resources.num_samplers": 2, **extra})  # every sampler syncs
 
 
 def test_split_evenly():

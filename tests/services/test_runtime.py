@@ -25,7 +25,7 @@ _PIPELINE_KEYS = {"time_s", "dropped_stale", "redone_lost", "lost_reward"}
 def _cfg(tmp_path, small_policy, name, **extra):
     # AC-Flow's critic warm-up ends after step 1, so the actor moves and every version differs
     return short_config(tmp_path, small_policy, name=name, iterations=6, **{
-        "algorithm.ac_flow.warmup_steps": 1, "run.checkpoint_every": 2, **extra})
+        "algorithm.ac_flow.warmup_steps": 1, "run.checkpoint_every": 2, "resources.num_samplers": 2, **extra})
 
 
 def _rows(run_dir, kind="train"):
