@@ -243,7 +243,7 @@ class Resume:
 def prepare_resume(run_dir: Path, cfg: TrainConfig) -> Resume:
     """Check that ``run_dir`` can continue under ``cfg`` and read what it continues from."""
     check_run_dir(run_dir)
-    check_resume_overrides(load_config(run_dir / "config.yaml"), cfg)
+    check_resume_overrides(load_config(run_dir / "config.yaml", run=True), cfg)
     ckpt = latest_checkpoint(run_dir)
     state = read_driver_state(ckpt)
     if cfg.run.iterations < state["iteration"]:

@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.yaml").write_text(storage.read_text("config.yaml"))
                 cfg = load_config(Path(tmp) / "config.yaml",
-                                  overrides + [f"run.name={storage.name}", f"run.out_dir={storage.out_dir}"])
+                                  overrides + [f"run.name={storage.name}", f"run.out_dir={storage.out_dir}"], run=True)
             train(cfg, resume=storage.location)
             return 0
         run_dir = Path(args.resume)
@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # train() refuses overrides a resumed run cannot honour, and writes config.yaml only
         # once the checkpoint has loaded
         overrides += [f"run.name={run_dir.name}", f"run.out_dir={run_dir.parent}"]
-        train(load_config(run_dir / "config.yaml", overrides), resume=run_dir)
+        train(load_config(run_dir / "config.yaml", overrides, run=True), resume=run_dir)
         return 0
     if args.name:
         overrides.append(f"run.name={args.name}")

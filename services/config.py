@@ -1195,9 +1195,19 @@ def resolve_config(name_or_path: Path | str) -> Path:
                       f"(shipped: {', '.join(shipped) or 'none'})")
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+RUN_DEFAULTS_BEFORE: dict[str, Any] = {
+    "algorithm.ac_flow.centre_weights": False,
+    "algorithm.ac_flow.anchor": "reference",
+}
+"""Keys added to the tree after runs were written, whose defaults are not what those runs ran
+with: a run's config.yaml (every key, as ``dump_config`` writes it) that lacks one predates it
+and ran with the value here. ``load_config(..., run=True)`` fills them in."""
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None, *, run: bool = False) -> TrainConfig:
     """Read a YAML config (a file, or a shipped config by name; else the defaults), apply
-    ``key=value`` overrides, validate."""
+    ``key=value`` overrides, validate. ``run``: the file is a run's own config.yaml, and a key
+    it predates takes the value it ran with (``RUN_DEFAULTS_BEFORE``), not today's default."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = resolve_config(path)
@@ -1205,6 +1215,11 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+        if run:
+            for key, value in RUN_DEFAULTS_BEFORE.items():
+                keys = key.split(".")
+                if _given(tree, keys[:-1])[0] and not _given(tree, keys)[0]:
+                    tree = _with(tree, keys, value)
     if overrides:
         tree = apply_overrides(tree, overrides)
     try:

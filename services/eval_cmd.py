@@ -38,7 +38,8 @@ from services.world import load_policy, resolve_checkpoint
 def _resolve(checkpoint: Path, config: str | None, overrides: list[str]) -> tuple[TrainConfig, Path, Path | None]:
     """(config, policy file, run directory or None) for a run dir, checkpoint dir or policy file."""
     run = checkpoint if (checkpoint / "config.yaml").is_file() else None
-    cfg = load_config(run / "config.yaml" if run is not None and config is None else config, overrides)
+    own = run is not None and config is None
+    cfg = load_config(run / "config.yaml" if own else config, overrides, run=own)
     return cfg, resolve_checkpoint(checkpoint), run
 
 
@@ -120,7 +121,7 @@ def sampler_for(checkpoint: Path, config: str | None = None, steps: int | None =
                              "directory (its config.yaml names the base, policy.pretrained) or --config")
         p = PolicyConfig()
     else:
-        p = load_config(config if config is not None else run / "config.yaml").policy
+        p = load_config(config if config is not None else run / "config.yaml", run=config is None).policy
     if p.kind == "digits" and not adapter:  # a whole digits policy file needs nothing else
         encoder = PromptEncoder()
         parts = (load_velocity(policy_file), encoder.encode, digits.to_uint8, digits.IMAGE_SHAPE)

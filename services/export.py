@@ -64,7 +64,7 @@ def locate(checkpoint: Path, config: str | None = None) -> tuple[TrainConfig, Pa
     if config is None and run is None:
         raise ValueError(f"{checkpoint} is not in a run directory (no config.yaml beside its checkpoint/); "
                          "give the run directory, or --config with the config it was trained with")
-    return load_config(config if config is not None else run / "config.yaml"), policy_file, run
+    return load_config(config if config is not None else run / "config.yaml", run=config is None), policy_file, run
 
 
 def _new_dir(out: Path) -> Path:

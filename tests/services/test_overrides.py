@@ -232,6 +232,28 @@ def test_ac_flow_presets_an_ema_rollout_policy_for_its_pi_old_anchor(tmp_path):
     assert load_config(f, ["algorithm.ac_flow.anchor=reference"]).learner.rollout_update == "copy"
 
 
+def test_a_run_config_written_before_the_pi_old_anchor_loads_as_it_ran(tmp_path):
+    """A run's config.yaml holds every key of its day; one written before centre_weights and
+    anchor existed ran with the paper's AC-Flow, and loads (resume, eval, export) as that run,
+    not with today's defaults, which its α = 0.5 would fail."""
+    import yaml
+
+    from services.config import RUN_DEFAULTS_BEFORE, dump_config
+
+    paper = ["algorithm.ac_flow.anchor=reference", "algorithm.ac_flow.centre_weights=false",
+             "algorithm.ac_flow.alpha=0.5", "learner.rollout_update=copy"]
+    then = yaml.safe_load(dump_config(load_config(None, paper)))
+    for key in RUN_DEFAULTS_BEFORE:
+        del then["algorithm"]["ac_flow"][key.rsplit(".", 1)[1]]
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(then))
+    assert load_config(f, run=True) == load_config(None, paper)
+    with pytest.raises(ConfigError, match="centre_weights needs alpha >= 1"):
+        load_config(f)  # as a config a user wrote today
+    f.write_text(dump_config(load_config(None)))  # a run of today keeps what it states
+    assert load_config(f, run=True) == load_config(None)
+
+
 def test_a_preset_leaves_the_callers_objects_alone():
     policy = {"num_steps": 4}
     TrainConfig(policy=policy, algorithm={"name": "flow_grpo"})
