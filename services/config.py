@@ -1201,7 +1201,9 @@ RUN_DEFAULTS_BEFORE: dict[str, Any] = {
 }
 """Keys added to the tree after runs were written, whose defaults are not what those runs ran
 with: a run's config.yaml (every key, as ``dump_config`` writes it) that lacks one predates it
-and ran with the value here. ``load_config(..., run=True)`` fills them in."""
+and ran with the value here. ``load_config(..., run=True)`` fills them in, so such a run
+evaluates and exports as it ran (a resume of it is refused by the learner, whose checkpoint
+settings lack them)."""
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None, *, run: bool = False) -> TrainConfig:
