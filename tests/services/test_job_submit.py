@@ -201,7 +201,8 @@ def test_submitted_digits_run_joins_the_cluster(ray_head: RayHead, tmp_path: Pat
            "--set", "rollout.prompts_per_iteration=4", "--set", "rollout.samples_per_prompt=4",
            "--set", "eval.samples_per_prompt=4", "--set", "eval.grid_columns=4",
            "--set", "resources.sampler_cpus=0.25", "--set", "resources.learner_cpus=0.25",
-           "--set", "resources.reward_cpus=0.25", "--set", "metrics.port=0", "--name", "submitted"]
+           "--set", "resources.reward_cpus=0.25", "--set", "resources.num_samplers=1", "--set", "metrics.port=0",
+           "--name", "submitted"]
     client = JobSubmissionClient(ray_head.address, headers=ray_head.headers)
     try:
         # cwd: the repository root, so the relative paths are those of the README's command.
@@ -239,7 +240,7 @@ def test_submitted_digits_run_joins_the_cluster(ray_head: RayHead, tmp_path: Pat
         StateResource.ACTORS, options=ListApiOptions(filters=[("job_id", "=", info.driver_info.id)], detail=True),
         raise_on_missing_output=False)
     classes = sorted(a.class_name for a in actors)
-    assert classes == ["LearnerWorker", "RewardWorker", "SamplerWorker", "SamplerWorker"], classes
+    assert classes == ["LearnerWorker", "RewardWorker", "SamplerWorker"], classes
 
     # The code ran from the uploaded working directory, which held the assets and not the venv/runs.
     uri = info.runtime_env["working_dir"]

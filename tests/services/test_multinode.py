@@ -1,7 +1,7 @@
 """The multi-node shape of a run on Ray's own multi-node simulator (``ray.cluster_utils.Cluster``:
 several raylets on this machine): a head that runs only the driver, an inference node and a
 training node advertising the custom resources deploy/ray-cluster.yaml gives those node types.
-Samplers land on the inference node and both learner ranks on the training node; losing the
+The sampler lands on the inference node and both learner ranks on the training node; losing the
 inference node mid-run is survived once a replacement joins (every iteration trains once, on
 its planned prompts), and fails naming the missing resource when none does.
 
@@ -50,7 +50,7 @@ def _cfg(out, policy, name, **extra):
     return short_config(out, policy, name=name, iterations=3, **{
         "rollout.prompts": PROMPTS, "algorithm.ac_flow.warmup_steps": 1,
         "resources.sampler_resources": "{inference_gpu: 1}", "resources.learner_resources": "{training_gpu: 1}",
-        "resources.num_learners": 2, "resources.learner_cpus": 1, "resources.num_samplers": 2, **extra})
+        "resources.num_learners": 2, "resources.learner_cpus": 1, **extra})
 
 
 def _rows(run_dir, kind="train"):
@@ -86,13 +86,13 @@ def lost_run(nodes, tmp_path_factory, small_policy):
     where, updates = {}, []
 
     def hook(it):
-        if it == 0:  # its samplers and the reward actor die with their node
-            where["before"] = _nodes_of("lost", ["sampler-0", "sampler-1", "reward", "learner", "learner-1"])
+        if it == 0:  # its sampler and the reward actor die with their node
+            where["before"] = _nodes_of("lost", ["sampler-0", "reward", "learner", "learner-1"])
             where["inference"] = found["inference"].node_id
             cluster.remove_node(found.pop("inference"))
             found["inference"] = cluster.add_node(**INFERENCE)
         elif it == 1:
-            where["after"] = _nodes_of("lost", ["sampler-0", "sampler-1", "reward"])
+            where["after"] = _nodes_of("lost", ["sampler-0", "reward"])
 
     def update(self, b):
         updates.append((b.iteration, [x for p in b.parts for x in p.prompts], [z for p in b.parts for z in p.seeds]))
@@ -111,8 +111,7 @@ def test_samplers_and_learner_ranks_land_on_their_node_types(nodes, lost_run):
     _, found = nodes
     _, run, _, where, _ = lost_run
     inference, training = where["inference"], found["training"].node_id
-    assert where["before"] == {"sampler-0": inference, "sampler-1": inference, "reward": inference,
-                               "learner": training, "learner-1": training}
+    assert where["before"] == {"sampler-0": inference, "reward": inference, "learner": training, "learner-1": training}
     rows = _rows(run)
     assert [r["learner_ranks"] for r in rows] == [2, 2, 2]
 
@@ -124,11 +123,11 @@ def test_losing_the_inference_node_is_survived_once_a_replacement_joins(nodes, l
     assert set(where["after"].values()) == {found["inference"].node_id} != {where["inference"]}
     rows = _rows(run)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    # both samplers' parts of iteration 1 (4 prompts × 3 samples) were lost and redone, once,
-    # after each restarted sampler was resynced
+    # the sampler's rollouts of iteration 1 (4 prompts × 3 samples) were lost and redone, once,
+    # after the restarted sampler was resynced
     assert [r["redone_lost"] for r in rows] == [0, 12, 0]
     assert [r["dropped_stale"] for r in rows] == [0, 0, 0]
-    assert summary["pipeline"]["resyncs"] == 2
+    assert summary["pipeline"]["resyncs"] == 1
     # every iteration trained once, on its planned prompts and seeds, rolled out by the version
     # published just before it (lag 0): nothing lost, doubled or rolled out by stale weights
     assert updates == [(it, *batch_plan(cfg, it)) for it in range(3)]
@@ -139,7 +138,7 @@ def test_losing_the_inference_node_is_survived_once_a_replacement_joins(nodes, l
 
 
 def test_losing_the_inference_node_with_no_replacement_fails_naming_it(nodes, tmp_path, small_policy):
-    # one sampler and one learner: fewer processes to start, the same lost bundle
+    # one learner: fewer processes to start, the same lost bundle
     cluster, found = nodes
     timeout = 3
     removed = []
@@ -153,7 +152,7 @@ def test_losing_the_inference_node_with_no_replacement_fails_naming_it(nodes, tm
         with pytest.MonkeyPatch.context() as mp, pytest.raises(PlacementError) as err:
             _after_row(mp, hook)
             train(_cfg(tmp_path, small_policy, "gone", **{"resources.placement_timeout_s": timeout,
-                                                          "resources.num_samplers": 1, "resources.num_learners": 1}))
+                                                          "resources.num_learners": 1}))
         waited = time.monotonic() - removed[0]
     finally:  # the module's cluster keeps its shape
         if "inference" not in found:

@@ -86,7 +86,8 @@ def test_reference_run_is_synchronous_and_checkpointed(reference):
 
 @pytest.mark.parametrize("lag", [1, 2])
 def test_the_lag_bound_holds_and_the_pipeline_overlaps(cluster, tmp_path, small_policy, reference, lag):
-    train(_cfg(tmp_path, small_policy, f"lag{lag}", **{"pipeline.max_policy_lag": lag}))
+    # one sampler (one actor start fewer): the pipeline's bound is the learner's, whoever rolls out
+    train(_cfg(tmp_path, small_policy, f"lag{lag}", **{"pipeline.max_policy_lag": lag, "resources.num_samplers": 1}))
     rows = _rows(tmp_path / f"lag{lag}")
     # the next `lag` batches roll out while the learner updates: batch i is trained on by a
     # learner exactly min(i, lag) versions ahead of the weights that rolled it out
@@ -136,18 +137,18 @@ def test_a_learner_failure_keeps_its_checkpoint_and_resume_is_exact(cluster, tmp
 
 
 def test_actors_are_placed_in_one_placement_group(cluster, tmp_path, small_policy):
-    actors = start_actors(_cfg(tmp_path, small_policy, "placed"), "fmrl-placed")
+    actors = start_actors(_cfg(tmp_path, small_policy, "placed", **{"resources.num_samplers": 1}), "fmrl-placed")
     try:
         ray.get([actors.learner.group_address.remote(), *[s.version.remote() for s in actors.samplers]])
         table = ray.util.placement_group_table(actors.group)
         assert table["strategy"] == "PACK" and table["state"] == "CREATED"
-        assert list(table["bundles"].values()) == [{"CPU": 0.25}] * 4  # learner, reward, 2 samplers
+        assert list(table["bundles"].values()) == [{"CPU": 0.25}] * 3  # learner, reward, the sampler
         # Ray accounts a bundle's resources as CPU_group_<index>_<group id>: each is fully
         # taken, i.e. every role runs inside its own bundle
         pg = actors.group.id.hex()
         free = ray.available_resources()
-        assert ray.cluster_resources()[f"CPU_group_{pg}"] == 1.0
-        assert [free.get(f"CPU_group_{i}_{pg}", 0.0) for i in range(4)] == [0.0] * 4
+        assert ray.cluster_resources()[f"CPU_group_{pg}"] == 0.75
+        assert [free.get(f"CPU_group_{i}_{pg}", 0.0) for i in range(3)] == [0.0] * 3
     finally:
         actors.shutdown()
     end = time.time() + 30  # the reservation is given back (asynchronously)
