@@ -55,7 +55,7 @@ def counted() -> dict[str, float]:
 
 def per_sample(c: dict[str, float]) -> tuple[float, float]:
     """Seconds per image on one GPU: rollout (STEPS forwards with CFG) and one learner sample
-    (the LoRA forward + backward, plus the W2 term's reference forward)."""
+    (the LoRA forward + backward, plus the W2 term's anchor forward: π_old's adapter or the reference)."""
     return STEPS * CFG * c["fwd"] / (PEAK * MFU_ROLLOUT), (c["train"] + c["fwd"]) / (PEAK * MFU_LEARN)
 
 
@@ -122,7 +122,7 @@ def main() -> None:
         f"one forward {c['fwd'] / 1e12:.3f} TFLOP, one LoRA forward + backward {c['train'] / 1e12:.3f} TFLOP "
         f"with configs/sd3_medium.yaml's adapter): a rollout of {STEPS} steps with CFG is {t_roll:.3f} s at "
         f"{MFU_ROLLOUT:.0%} MFU of an H100's {PEAK / 1e12:.0f} TFLOP/s, one learner sample (LoRA forward + "
-        f"backward + the W2 reference forward) {t_learn * 1e3:.0f} ms at {MFU_LEARN:.0%}; {SAMPLES_PER_GPU} "
+        f"backward + the W2 anchor forward) {t_learn * 1e3:.0f} ms at {MFU_LEARN:.0%}; {SAMPLES_PER_GPU} "
         f"rollouts per inference GPU per iteration; LoRA r{c['rank']} weights ({c['lora_params'] / 1e6:.1f} M, "
         f"{lora / 1e6:.0f} MB bf16; full weights would be {full / 1e9:.1f} GB, "
         f"{full / NCCL_BW:.2f} s) broadcast at {NCCL_BW / 1e9:.0f} GB/s; a CLIP-sized reward at "
