@@ -282,7 +282,10 @@ class ACFlowConfig(_Strict):
     shaping_limit: Float = Field(1.0, gt=0, description="Shaped rewards lie in [−limit, limit].")
     advantage_clip: Float | None = Field(1.0, gt=0, description="A_max: advantages clipped to ±A_max (null: no clipping).")
     warmup_steps: Int = Field(20, ge=0, description="K: learner steps during which the critic trains before it steers the actor.")
-    warmup_actor: Literal["frozen", "orw"] = Field("frozen", description="During warm-up the actor is frozen or uses ORW weights on r̃.")
+    warmup_actor: Literal["frozen", "orw"] = Field(
+        "orw", description="During warm-up the actor trains on ORW weights exp(τ·r̃) of the shaped rewards (orw), "
+        "or is frozen (frozen); both are the paper's. orw by default: on the bench a frozen warm-up costs about "
+        "twice the rollouts to a reward threshold and ends no higher (docs/algorithms.md).")
     critic_lr: Float = Field(3e-3, gt=0, description="The critic's AdamW learning rate.")
     critic_steps: Int = Field(4, ge=1, description="Critic optimiser steps per learner step.")
     critic_width: Int = Field(32, ge=4, description="Channels of the critic (≈41 k parameters at 32 on the digits).")
@@ -301,8 +304,9 @@ class ACFlowConfig(_Strict):
         "rollout", description="The policy the W2 term α‖v_θ − v‖² holds the actor to: [ours] the rollout policy "
         "π_old (a moving trust region, as AdvantageFlow's γ term; AC-Flow presets learner.rollout_update: ema, "
         "since with a copy and one update a batch π_old is π_θ at the step), or the frozen reference (the "
-        "paper's Wasserstein regularisation: a fixed tilt of π_ref; with centre_weights: false, alpha 0.5 and "
-        "learner.rollout_update: copy the bench's ac_flow_tilt, AC-Flow as the paper states it).")
+        "paper's Wasserstein regularisation: a fixed tilt of π_ref; with centre_weights: false, alpha 0.5, "
+        "warmup_actor: frozen and learner.rollout_update: copy the bench's ac_flow_tilt, AC-Flow as the paper "
+        "states it).")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
     @model_validator(mode="after")
