@@ -33,12 +33,14 @@ def cluster():
 def short_config(out_dir, policy, name="t", iterations=4, **extra) -> TrainConfig:
     """A 4-iteration digits run of the small policy, small batches, one sampler (a test of several
     asks for them: every actor start imports torch, diffusers, peft and transformers, ~5 s of
-    CPU), every actor on 0.25 CPU."""
+    CPU), every actor on 0.25 CPU. AC-Flow's actor is frozen through its warm-up here (the
+    runs are all warm-up): these tests are about the runtime, and a frozen actor skips its
+    backward pass; the default ORW warm-up is tested in tests/learner."""
     sets = [f"policy.checkpoint={policy}", f"run.out_dir={out_dir}", f"run.name={name}", "resources.num_samplers=1",
             f"run.iterations={iterations}", "run.progress=false", "rollout.samples_per_prompt=3",
             "rollout.prompts_per_iteration=4", "eval.samples_per_prompt=2", "eval.grid_columns=2", "learner.lr=1e-3",
             "resources.sampler_cpus=0.25", "resources.learner_cpus=0.25", "resources.reward_cpus=0.25",
-            "metrics.port=0"]
+            "metrics.port=0", "algorithm.ac_flow.warmup_actor=frozen"]
     return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
 
 
