@@ -3,6 +3,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,65 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# The tests' Ray cluster (``cluster``), joined by this process. Starting one costs seconds of
+# both cores (GCS, raylet, dashboard and runtime-env agents, log monitor, idle workers), so the
+# modules that ask for it share one: pytest_collection_modifyitems runs them one after another,
+# the first starts it, and any other module stops it first (its subprocesses start clusters of
+# their own, whose agents would otherwise wait seconds for the port this one holds).
+RAY_TEST_CLUSTER = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
+
+
+def _module_of(item: pytest.Item) -> object:
+    return getattr(item, "module", None)
+
+
+def _asks_for_cluster(item: pytest.Item) -> bool:
+    return "cluster" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules that ask for ``cluster`` run one after another (each in its own order), where
+    the first of them would have run; every other test keeps its place."""
+    users = {_module_of(i) for i in items if _asks_for_cluster(i)}
+    first = next((k for k, i in enumerate(items) if _module_of(i) in users), None)
+    if first is None:
+        return
+    rest = [i for i in items if _module_of(i) not in users]
+    items[:] = rest[:first] + [i for i in items if _module_of(i) in users] + rest[first:]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """The shared Ray cluster (RAY_TEST_CLUSTER): started if no cluster is joined, never stopped
+    here (the next module that asks joins it; see ``_ray_only_where_asked``)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**RAY_TEST_CLUSTER)
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_only_where_asked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop the shared cluster before a module none of whose tests asks for it."""
+    if "ray" in sys.modules and not any(_module_of(i) is request.module and _asks_for_cluster(i)
+                                        for i in request.session.items):
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_stopped_at_the_end() -> Iterator[None]:
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 def scrape_metrics(port: int) -> dict:

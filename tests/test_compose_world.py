@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -86,15 +85,6 @@ def test_shipped_base_and_its_report():
     assert ev["train_phrasing_cfg_1.0"]["accuracy"] < 0.5
     assert ev["train_phrasing_cfg_3.0"]["accuracy"] > ev["train_phrasing_cfg_1.0"]["accuracy"]
     assert report["readers_on_real_compositions"]["heldout_accuracy"] >= 0.9
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_short_compose_run_through_fmrl_train(cluster, tmp_path):

@@ -1,4 +1,5 @@
-"""Shared by the training tests: a one-block digits-shaped policy, a Ray cluster, a short config."""
+"""Shared by the training tests: a one-block digits-shaped policy and a short config (the Ray
+cluster, ``cluster``, is tests/conftest.py's)."""
 
 import shutil
 from collections.abc import Callable
@@ -21,13 +22,6 @@ def small_policy(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy") / "p.safetensors"
     save_velocity(build_sd3_velocity(dict(DIGITS_TRANSFORMER_CONFIG, num_layers=1)), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def short_config(out_dir, policy, name="t", iterations=4, **extra) -> TrainConfig:

@@ -23,7 +23,10 @@ def _rows(run) -> list[dict]:
 
 
 def test_resources_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_path, small_policy):
-    # first in this module: before the shared cluster starts, so train() starts an embedded one
+    # no cluster joined (the shared one, tests/conftest.py, is stopped: the next test restarts
+    # it), so train() starts an embedded one of resources.ray_num_cpus
+    if ray.is_initialized():
+        ray.shutdown()
     cfg = short_config(tmp_path, small_policy, name="lacks", **{"resources.num_learners": 2,
                                                                 "resources.num_samplers": 2, "resources.learner_gpus": 1, "resources.ray_num_cpus": 1})
     from services.actors import PlacementError

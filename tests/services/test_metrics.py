@@ -26,8 +26,9 @@ REMOTE_REWARDS = ("reward_service", "reward_client")  # only runs with Redis rew
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # actors' metrics reach Ray's agent every second (default 10 s), so a short run shows them
+def metrics_cluster():
+    # not the shared `cluster` (tests/conftest.py): actors' metrics reach Ray's agent every
+    # second (default 10 s), so a short run shows them
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 1000})
     yield
@@ -50,7 +51,7 @@ def _value(families, name, **labels):
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def test_metrics_are_served_with_their_declared_types_and_counters_move(cluster, tmp_path, small_policy):
+def test_metrics_are_served_with_their_declared_types_and_counters_move(metrics_cluster, tmp_path, small_policy):
     port = free_port()
     # 60 iterations (~10 s): Ray's agent and Prometheus each add a second's delay, and a rate()
     # needs two scrapes of a series the learner's first update creates
@@ -304,7 +305,7 @@ def _worker_samples(port, worker_id):
     return out
 
 
-def test_a_sampler_actor_records_its_work_through_rays_metrics(cluster, tmp_path, small_policy):
+def test_a_sampler_actor_records_its_work_through_rays_metrics(metrics_cluster, tmp_path, small_policy):
     """Exact counts from one sampler actor: 3 rollouts of 2 prompts × 3 samples, one apply."""
     from samplers.policy import published_state, state_checksum
     from services.actors import SamplerWorker
