@@ -15,13 +15,31 @@ from samplers.policy import build_sd3_velocity, save_velocity
 from services.config import TrainConfig, load_config
 
 
+def write_small_policy(path: Path) -> Path:
+    """The one-block policy of the digits shape ``small_policy`` is (random weights, torch seed
+    0), written to ``path``; the caller's RNG is left untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        save_velocity(build_sd3_velocity(dict(DIGITS_TRANSFORMER_CONFIG, num_layers=1)), path)
+    return path
+
+
+def policy_digest(path: Path) -> str:
+    """The digest a policy file records over its tensors and metadata (samplers/policy.py): equal
+    digests, equal policies (the files' bytes may differ: safetensors orders metadata freely)."""
+    from safetensors import safe_open
+
+    from samplers.policy import DIGEST_KEY
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()[DIGEST_KEY]
+
+
 @pytest.fixture(scope="module")
 def small_policy(tmp_path_factory):
     """A one-block policy of the digits shape (random weights): fast, and the real classes."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("policy") / "p.safetensors"
-    save_velocity(build_sd3_velocity(dict(DIGITS_TRANSFORMER_CONFIG, num_layers=1)), path)
-    return path
+    return write_small_policy(tmp_path_factory.mktemp("policy") / "p.safetensors")
 
 
 def short_config(out_dir, policy, name="t", iterations=4, **extra) -> TrainConfig:
@@ -69,15 +87,42 @@ def trained_uri_run(tmp_path_factory) -> Callable[[], TrainedRun]:
 
             assert ray.is_initialized(), "trained_uri_run() trains in the calling test's `cluster`"
             root = tmp_path_factory.mktemp("trained-run")  # a new one if an earlier try failed
-            policy = root / "p.safetensors"
-            with torch.random.fork_rng():  # as small_policy makes it, the caller's RNG untouched
-                torch.manual_seed(0)
-                save_velocity(build_sd3_velocity(dict(DIGITS_TRANSFORMER_CONFIG, num_layers=1)), policy)
+            policy = write_small_policy(root / "p.safetensors")
             cfg = short_config(f"file://{root}/remote", policy, "u", iterations=3, **{"run.checkpoint_every": 2})
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("FMRL_STAGING_DIR", str(root / "stage"))
                 summary = train(cfg)
             made.append(TrainedRun(policy, f"file://{root}/remote/u", root / "remote" / "u", root / "stage", summary))
+        return made[0]
+
+    return get
+
+
+def synchronous_config(out_dir, policy, name, **extra) -> TrainConfig:
+    """``short_config`` for 6 iterations, 2 samplers, checkpoints every 2, AC-Flow's critic
+    warm-up ending after step 1 (so the actor moves and every version differs): the runtime
+    tests' runs, and ``reference_run``'s."""
+    return short_config(out_dir, policy, name=name, iterations=6, **{
+        "algorithm.ac_flow.warmup_steps": 1, "run.checkpoint_every": 2, "resources.num_samplers": 2, **extra})
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Callable[[], tuple[Path, dict, Path]]:
+    """``reference_run()``: (run directory, summary, policy) of ``synchronous_config``'s run as
+    nothing disturbs it (lag 0, object-store sync), trained on the first call of the session in
+    the calling test's ``cluster``: the yardstick the fault and learner-group runs must match
+    (its policy is ``small_policy``'s: ``policy_digest``)."""
+    made: list[tuple[Path, dict, Path]] = []
+
+    def get() -> tuple[Path, dict, Path]:
+        if not made:
+            from services.driver import train
+
+            assert ray.is_initialized(), "reference_run() trains in the calling test's `cluster`"
+            root = tmp_path_factory.mktemp("reference-run")
+            policy = write_small_policy(root / "p.safetensors")
+            summary = train(synchronous_config(root, policy, "ref"))
+            made.append((root / "ref", summary, policy))
         return made[0]
 
     return get

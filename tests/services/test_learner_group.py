@@ -11,7 +11,7 @@ from services.checkpoints import latest_checkpoint
 from services.config import ConfigError, load_config
 from services.driver import LearnerLost, train
 from services.loggers import JsonlLogger
-from tests.services.conftest import short_config
+from tests.services.conftest import policy_digest, short_config
 
 # learning statistics of N = 2 against N = 1: float32 reduction order in the gradients moves the
 # weights by ~1e-6 relative (tests/learner/test_group.py), which moves later rollouts and rewards
@@ -41,9 +41,13 @@ def test_resources_the_embedded_cluster_lacks_are_refused_before_any_actor(tmp_p
     assert not (tmp_path / "lacks").exists()
 
 
-def test_two_learner_ranks_train_as_one_survive_a_lost_rank_by_resuming(cluster, tmp_path, small_policy, monkeypatch):
+def test_two_learner_ranks_train_as_one_survive_a_lost_rank_by_resuming(cluster, tmp_path, small_policy, monkeypatch,
+                                                                       reference_run):
+    # the single learner's run: conftest's reference (AC-Flow, warm-up ending after step 1),
+    # of which the first two iterations are compared
+    ref_dir, one, ref_policy = reference_run()
+    assert policy_digest(ref_policy) == policy_digest(small_policy)
     algo = {"algorithm.name": "ac_flow", "algorithm.ac_flow.warmup_steps": 1}
-    one = train(short_config(tmp_path, small_policy, name="one", iterations=2, **algo))
 
     # two ranks (DDP); rank 1 is killed once iteration 0's row is written, so the checkpoint after
     # it is the last one: the next update finds the rank gone (its peer would wait in a collective)
@@ -72,7 +76,7 @@ def test_two_learner_ranks_train_as_one_survive_a_lost_rank_by_resuming(cluster,
                           ["run.iterations=2", "learner.sharding=fsdp", "pipeline.weight_sync=torch_distributed"])
     two = train(resumed, resume=tmp_path / "two")
     assert two["before"] == one["before"]
-    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    a, b = _rows(ref_dir)[:2], _rows(tmp_path / "two")
     assert [r["iteration"] for r in b] == [0, 1]
     assert {r["learner_ranks"] for r in a} == {1} and {r["learner_ranks"] for r in b} == {2}
     assert b[0]["reward_mean"] == a[0]["reward_mean"]  # the same first rollouts

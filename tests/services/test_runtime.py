@@ -16,16 +16,13 @@ from services.actors import PlacementError, start_actors
 from services.checkpoints import latest_checkpoint
 from services.driver import LearnerLost, train
 from services.weight_sync import broadcast_state, group_address, join_group, receive_state
-from tests.services.conftest import short_config
+from tests.services.conftest import policy_digest, synchronous_config
 
 # counters of what the pipeline redid; they differ between a faulty run and a clean one
 _PIPELINE_KEYS = {"time_s", "dropped_stale", "redone_lost", "lost_reward"}
 
 
-def _cfg(tmp_path, small_policy, name, **extra):
-    # AC-Flow's critic warm-up ends after step 1, so the actor moves and every version differs
-    return short_config(tmp_path, small_policy, name=name, iterations=6, **{
-        "algorithm.ac_flow.warmup_steps": 1, "run.checkpoint_every": 2, "resources.num_samplers": 2, **extra})
+_cfg = synchronous_config
 
 
 def _rows(run_dir, kind="train"):
@@ -40,11 +37,11 @@ def _comparable(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory, small_policy):
-    """Synchronous (lag 0), object-store sync, nothing goes wrong."""
-    out = tmp_path_factory.mktemp("runs")
-    summary = train(_cfg(out, small_policy, "ref"))
-    return out / "ref", summary
+def reference(cluster, reference_run, small_policy):
+    """Synchronous (lag 0), object-store sync, nothing goes wrong (conftest's reference_run)."""
+    run, summary, policy = reference_run()
+    assert policy_digest(policy) == policy_digest(small_policy)  # the runs here start where it did
+    return run, summary
 
 
 def _in_thread(fn):
