@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_CLI = Path(sys.executable).parent / "ray"
@@ -192,8 +192,12 @@ def _start_head(temp: Path) -> tuple[subprocess.Popen, str]:
     authentication: the token of ~/.ray/auth_token, which a bare ray.init() also picks up."""
     address_file = temp / "ray" / "ray_current_cluster"
     log = (temp / "head.log").open("w")
-    cmd = [str(RAY_CLI), "start", "--head", "--block", "--temp-dir", str(temp / "ray"), "--port", str(free_port()),
-           "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
+    # its dashboard agent off Ray's default port (52365), which the probes' embedded clusters
+    # take: an agent finding its port taken retries for ~3 s before the node comes up
+    gcs_port, agent_port = free_ports(2)
+    cmd = [str(RAY_CLI), "start", "--head", "--block", "--temp-dir", str(temp / "ray"), "--port", str(gcs_port),
+           "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "1", "--include-dashboard", "false",
+           "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=_env(temp), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + START_S
