@@ -22,7 +22,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # modules that ask for it share one: pytest_collection_modifyitems runs them one after another,
 # the first starts it, and any other module stops it first (its subprocesses start clusters of
 # their own, whose agents would otherwise wait seconds for the port this one holds).
+#
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): every module that
+# starts Ray processes (asks for ``cluster``, or is marked ``ray_processes``: a cluster, a head,
+# `fmrl train` of its own) is one group, run on one worker in this order, never beside another
+# Ray cluster of the suite; every other module is a group of its own (its module fixtures set up
+# once) on whichever worker is free. The Ray group is most of the suite and waits on process
+# starts for about a quarter of its time, which the other worker's modules fill.
 RAY_TEST_CLUSTER = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
+RAY_GROUP = "ray"
 
 
 def _module_of(item: pytest.Item) -> object:
@@ -33,15 +41,20 @@ def _asks_for_cluster(item: pytest.Item) -> bool:
     return "cluster" in getattr(item, "fixturenames", ())
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The modules that ask for ``cluster`` run one after another (each in its own order), where
-    the first of them would have run; every other test keeps its place."""
+    """The modules that start Ray first (those that ask for ``cluster`` one after another, then
+    those that start their own), each in its own order; then the rest in their order. Each test
+    gets its xdist group."""
     users = {_module_of(i) for i in items if _asks_for_cluster(i)}
-    first = next((k for k, i in enumerate(items) if _module_of(i) in users), None)
-    if first is None:
-        return
-    rest = [i for i in items if _module_of(i) not in users]
-    items[:] = rest[:first] + [i for i in items if _module_of(i) in users] + rest[first:]
+    ray_modules = users | {_module_of(i) for i in items if i.get_closest_marker("ray_processes")}
+    items[:] = ([i for i in items if _module_of(i) in users]
+                + [i for i in items if _module_of(i) in ray_modules - users]
+                + [i for i in items if _module_of(i) not in ray_modules])
+    for i in items:
+        module = _module_of(i)
+        i.add_marker(pytest.mark.xdist_group(RAY_GROUP if module in ray_modules else
+                                             getattr(module, "__name__", i.nodeid.split("::")[0])))
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,9 @@ import pytest
 
 from tests.conftest import free_ports
 
+# starts Ray processes of its own: the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
 REPO = Path(__file__).resolve().parents[2]
 RAY_CLI = Path(sys.executable).parent / "ray"
 MARKER = "FMRL_TEST_CLUSTER"

@@ -32,6 +32,9 @@ import yaml
 
 from tests.conftest import free_ports, terminate
 
+# starts Ray processes of its own: the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 VENV_BIN = Path(sys.executable).parent

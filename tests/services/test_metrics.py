@@ -21,6 +21,9 @@ from telemetry.metrics import METRICS, exposed
 from tests.conftest import free_port, scrape_metrics, start_prometheus
 from tests.services.conftest import short_config
 
+# starts Ray processes of its own: the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REMOTE_REWARDS = ("reward_service", "reward_client")  # only runs with Redis reward services have these
 

@@ -20,6 +20,9 @@ from services.driver import Pipeline, batch_plan, train
 from services.loggers import JsonlLogger
 from tests.services.conftest import short_config
 
+# starts Ray processes of its own: the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
 # deploy/ray-cluster.yaml's worker types, without GPUs, each holding two actors of its role (two
 # CPUs: a raylet starts as many worker processes at once as its node has CPUs, up to the machine's)
 INFERENCE = {"num_cpus": 2, "resources": {"inference_gpu": 2}}
