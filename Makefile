@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/digits_ac_flow.yaml
 PYTEST_ARGS ?=
 # two pytest-xdist workers: the modules that start Ray run in order on one, the rest beside them
-# (tests/conftest.py says why); TEST_WORKERS=0 runs the suite in this process alone
+# (tests/conftest.py's scheduler says why); TEST_WORKERS=0 runs the suite in this process alone
 TEST_WORKERS ?= 2
 
 .PHONY: setup run test lint programs redis assets clean-runs
@@ -45,7 +45,7 @@ programs:
 
 test: setup programs
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -23,38 +23,55 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the first starts it, and any other module stops it first (its subprocesses start clusters of
 # their own, whose agents would otherwise wait seconds for the port this one holds).
 #
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): every module that
-# starts Ray processes (asks for ``cluster``, or is marked ``ray_processes``: a cluster, a head,
-# `fmrl train` of its own) is one group, run on one worker in this order, never beside another
-# Ray cluster of the suite; every other module is a group of its own (its module fixtures set up
-# once) on whichever worker is free. The Ray group is most of the suite and waits on process
-# starts for about a quarter of its time, which the other worker's modules fill.
+# `make test` runs the suite on two pytest-xdist workers. Every module that starts Ray processes
+# (asks for ``cluster``, or starts a cluster, a head or `fmrl train` of its own) says so with
+# ``pytestmark = pytest.mark.ray_processes``: those modules are one unit of work (RAY_GROUP),
+# run in this order on one worker, never beside another Ray cluster of the suite; every other
+# module is a unit of its own (its module fixtures set up once) on whichever worker is free.
+# The Ray modules are most of the suite and wait on process starts for about a quarter of their
+# time, which the other worker's modules fill.
 RAY_TEST_CLUSTER = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
-RAY_GROUP = "ray"
+RAY_MARK = "ray_processes"
+RAY_GROUP = "ray-processes"
 
 
 def _module_of(item: pytest.Item) -> object:
     return getattr(item, "module", None)
 
 
-def _asks_for_cluster(item: pytest.Item) -> bool:
-    return "cluster" in getattr(item, "fixturenames", ())
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The modules that start Ray first (those that ask for ``cluster`` one after another, then
-    those that start their own), each in its own order; then the rest in their order. Each test
-    gets its xdist group."""
-    users = {_module_of(i) for i in items if _asks_for_cluster(i)}
-    ray_modules = users | {_module_of(i) for i in items if i.get_closest_marker("ray_processes")}
+    """The Ray modules first, those that ask for ``cluster`` one after another, each in its own
+    order; then the rest in theirs. A module that asks for ``cluster`` unmarked is refused."""
+    users = {_module_of(i) for i in items if "cluster" in getattr(i, "fixturenames", ())}
+    marked = {_module_of(i) for i in items if i.get_closest_marker(RAY_MARK)}
+    if unmarked := sorted(getattr(m, "__name__", "?") for m in users - marked):
+        raise pytest.UsageError(f"{', '.join(unmarked)} ask for `cluster` without "
+                                f"`pytestmark = pytest.mark.{RAY_MARK}` (tests/conftest.py)")
     items[:] = ([i for i in items if _module_of(i) in users]
-                + [i for i in items if _module_of(i) in ray_modules - users]
-                + [i for i in items if _module_of(i) not in ray_modules])
-    for i in items:
-        module = _module_of(i)
-        i.add_marker(pytest.mark.xdist_group(RAY_GROUP if module in ray_modules else
-                                             getattr(module, "__name__", i.nodeid.split("::")[0])))
+                + [i for i in items if _module_of(i) in marked - users]
+                + [i for i in items if _module_of(i) not in marked])
+
+
+def _marked_files(rootdir: Path) -> set[str]:
+    """The test files (relative to ``rootdir``, as node ids begin) that carry the Ray mark: read
+    from their text, as pytest-xdist's controller collects nothing."""
+    line = f"pytestmark = pytest.mark.{RAY_MARK}"
+    return {p.relative_to(rootdir).as_posix() for p in (rootdir / "tests").rglob("test_*.py")
+            if line in p.read_text(encoding="utf-8")}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's load-by-scope scheduler, a scope per module and one for all Ray modules."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    ray_files = _marked_files(Path(config.rootpath))
+
+    class RayGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return RAY_GROUP if path in ray_files else path
+
+    return RayGroupScheduling(config, log)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +88,7 @@ def cluster() -> Iterator[None]:
 @pytest.fixture(scope="module", autouse=True)
 def _ray_only_where_asked(request: pytest.FixtureRequest) -> Iterator[None]:
     """Stop the shared cluster before a module none of whose tests asks for it."""
-    if "ray" in sys.modules and not any(_module_of(i) is request.module and _asks_for_cluster(i)
+    if "ray" in sys.modules and not any(_module_of(i) is request.module and "cluster" in getattr(i, "fixturenames", ())
                                         for i in request.session.items):
         import ray
 

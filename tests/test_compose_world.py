@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -12,6 +13,10 @@ from samplers import compose
 from samplers.policy import build_sd3_velocity, read_tensors, save_velocity, state_checksum
 from services.config import DatasetConfig
 from services.datasets import read_dataset
+
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT / "configs" / "datasets"

@@ -34,6 +34,10 @@ from services.world import resolve_checkpoint
 from tests.helpers import table_encode
 from tests.services.conftest import short_config
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 TOTALS = {"dropped_stale": 0, "redone_lost": 0, "lost_reward": 0, "resyncs": 0, "broadcast_failures": 0}
 
 

@@ -13,6 +13,10 @@ from services.driver import LearnerLost, train
 from services.loggers import JsonlLogger
 from tests.services.conftest import policy_digest, short_config
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 # learning statistics of N = 2 against N = 1: float32 reduction order in the gradients moves the
 # weights by ~1e-6 relative (tests/learner/test_group.py), which moves later rollouts and rewards
 TOL = 1e-3

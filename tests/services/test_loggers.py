@@ -27,6 +27,10 @@ from services.loggers import (
 )
 from tests.services.conftest import short_config
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 PROMPTS = ["a handwritten zero", "a handwritten one"]
 
 

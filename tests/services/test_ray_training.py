@@ -9,6 +9,10 @@ import pytest
 from services.driver import ensure_ray, split_evenly, train
 from tests.services.conftest import short_config
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 
 def _cfg(tmp_path, small_policy, **extra):
     return short_config(tmp_path, small_policy, **{"resources.num_samplers": 2, **extra})  # every sampler syncs

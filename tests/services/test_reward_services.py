@@ -23,6 +23,10 @@ from services.driver import train
 from tests.conftest import free_port, scrape_metrics, terminate
 from tests.services.conftest import short_config
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 ROOT = Path(__file__).resolve().parents[2]
 ITERATIONS = 4
 # the actor must move (warm-up of one step), so the rewards of later iterations depend on

@@ -18,6 +18,10 @@ from services.driver import LearnerLost, train
 from services.weight_sync import broadcast_state, group_address, join_group, receive_state
 from tests.services.conftest import policy_digest, synchronous_config
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 # counters of what the pipeline redid; they differ between a faulty run and a clean one
 _PIPELINE_KEYS = {"time_s", "dropped_stale", "redone_lost", "lost_reward"}
 

@@ -4,11 +4,16 @@ StableDiffusion3Pipeline, written by the project's command, trained with a LoRA 
 import json
 
 import numpy as np
+import pytest
 from safetensors.torch import load_file
 
 from samplers.sd3 import build_tiny_sd3_pipeline
 from services.config import load_config
 from services.driver import train
+
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
 
 
 def test_tiny_sd3_trains_a_lora_adapter_through_ray(cluster, tmp_path):

@@ -15,6 +15,10 @@ from services.checkpoints import LEARNER_FILES, latest_checkpoint, write_checkpo
 from services.config import load_config
 from services.storage import RunStorage, check_durable, is_uri, staging_root
 
+# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
+pytestmark = pytest.mark.ray_processes
+
+
 
 @pytest.fixture(autouse=True)
 def _staging(tmp_path, monkeypatch):
