@@ -60,6 +60,7 @@ def _marked_files(rootdir: Path) -> set[str]:
             if line in p.read_text(encoding="utf-8")}
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the suite also runs without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """pytest-xdist's load-by-scope scheduler, a scope per module and one for all Ray modules."""
     from xdist.scheduler import LoadScopeScheduling
