@@ -35,29 +35,37 @@ RAY_MARK = "ray_processes"
 RAY_GROUP = "ray-processes"
 
 
+RAY_MARK_LINE = f"pytestmark = pytest.mark.{RAY_MARK}"  # how a module carries it: the controller reads it
+_CLUSTER_USERS = pytest.StashKey[set]()  # the modules that ask for ``cluster``, found at collection
+
+
 def _module_of(item: pytest.Item) -> object:
     return getattr(item, "module", None)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """The Ray modules first, those that ask for ``cluster`` one after another, each in its own
-    order; then the rest in theirs. A module that asks for ``cluster`` unmarked is refused."""
+    order; then the rest in theirs. A module that asks for ``cluster`` unmarked, or is marked
+    otherwise than by RAY_MARK_LINE (which the scheduler reads), is refused."""
     users = {_module_of(i) for i in items if "cluster" in getattr(i, "fixturenames", ())}
     marked = {_module_of(i) for i in items if i.get_closest_marker(RAY_MARK)}
     if unmarked := sorted(getattr(m, "__name__", "?") for m in users - marked):
-        raise pytest.UsageError(f"{', '.join(unmarked)} ask for `cluster` without "
-                                f"`pytestmark = pytest.mark.{RAY_MARK}` (tests/conftest.py)")
+        raise pytest.UsageError(f"{', '.join(unmarked)} ask for `cluster` without `{RAY_MARK_LINE}` (tests/conftest.py)")
+    if unread := sorted(getattr(m, "__name__", "?") for m in marked
+                        if RAY_MARK_LINE not in Path(getattr(m, "__file__", "")).read_text(encoding="utf-8")):
+        raise pytest.UsageError(f"{', '.join(unread)} carry {RAY_MARK} without the line `{RAY_MARK_LINE}`, "
+                                "which the xdist scheduler reads (tests/conftest.py)")
+    config.stash[_CLUSTER_USERS] = users
     items[:] = ([i for i in items if _module_of(i) in users]
                 + [i for i in items if _module_of(i) in marked - users]
                 + [i for i in items if _module_of(i) not in marked])
 
 
 def _marked_files(rootdir: Path) -> set[str]:
-    """The test files (relative to ``rootdir``, as node ids begin) that carry the Ray mark: read
+    """The test files (relative to ``rootdir``, as node ids begin) that carry RAY_MARK_LINE: read
     from their text, as pytest-xdist's controller collects nothing."""
-    line = f"pytestmark = pytest.mark.{RAY_MARK}"
     return {p.relative_to(rootdir).as_posix() for p in (rootdir / "tests").rglob("test_*.py")
-            if line in p.read_text(encoding="utf-8")}
+            if RAY_MARK_LINE in p.read_text(encoding="utf-8")}
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the suite also runs without it
@@ -89,8 +97,7 @@ def cluster() -> Iterator[None]:
 @pytest.fixture(scope="module", autouse=True)
 def _ray_only_where_asked(request: pytest.FixtureRequest) -> Iterator[None]:
     """Stop the shared cluster before a module none of whose tests asks for it."""
-    if "ray" in sys.modules and not any(_module_of(i) is request.module and "cluster" in getattr(i, "fixturenames", ())
-                                        for i in request.session.items):
+    if "ray" in sys.modules and request.module not in request.config.stash.get(_CLUSTER_USERS, set()):
         import ray
 
         if ray.is_initialized():

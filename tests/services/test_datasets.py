@@ -23,10 +23,6 @@ from services.driver import batch_plan, plan_iteration
 from services.evaluation import eval_plan
 from services.rewards import RewardStage
 
-# starts Ray processes (the shared `cluster`): the suite's Ray group (tests/conftest.py)
-pytestmark = pytest.mark.ray_processes
-
-
 ROWS = [{"prompt": "a handwritten seven", "digit": 7, "tags": ["thin"]},
         {"prompt": "a handwritten two", "digit": 2, "tags": ["bold", "slanted"]},
         {"prompt": "a handwritten five", "digit": 5, "tags": []}]

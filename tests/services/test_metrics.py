@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.driver import train
 from services.evaluation import Evaluation
 from telemetry.metrics import METRICS, exposed
-from tests.conftest import free_port, scrape_metrics, start_prometheus
+from tests.conftest import RAY_TEST_CLUSTER, free_port, scrape_metrics, start_prometheus
 from tests.services.conftest import short_config
 
 # starts Ray processes of its own: the suite's Ray group (tests/conftest.py)
@@ -32,8 +32,7 @@ REMOTE_REWARDS = ("reward_service", "reward_client")  # only runs with Redis rew
 def metrics_cluster():
     # not the shared `cluster` (tests/conftest.py): actors' metrics reach Ray's agent every
     # second (default 10 s), so a short run shows them
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(**RAY_TEST_CLUSTER, _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()
 

@@ -13,7 +13,6 @@ from tests.services.conftest import short_config
 pytestmark = pytest.mark.ray_processes
 
 
-
 def _cfg(tmp_path, small_policy, **extra):
     return short_config(tmp_path, small_policy, **{"resources.num_samplers": 2, **extra})  # every sampler syncs
 

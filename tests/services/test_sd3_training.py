@@ -15,7 +15,6 @@ from services.driver import train
 pytestmark = pytest.mark.ray_processes
 
 
-
 def test_tiny_sd3_trains_a_lora_adapter_through_ray(cluster, tmp_path):
     pipe = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
     cfg = load_config("configs/sd3_tiny_cpu.yaml", [

@@ -19,7 +19,6 @@ from services.storage import RunStorage, check_durable, is_uri, staging_root
 pytestmark = pytest.mark.ray_processes
 
 
-
 @pytest.fixture(autouse=True)
 def _staging(tmp_path, monkeypatch):
     monkeypatch.setenv("FMRL_STAGING_DIR", str(tmp_path / "stage"))
