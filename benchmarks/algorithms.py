@@ -2,9 +2,11 @@
 
 For every bench (digits, compose), method and value of the method's own trade-off knob
 (ORW α, AC-Flow τ, DiffusionNFT β, Flow-GRPO KL β, AdvantageFlow γ, AWM's regulariser), and
-every seed, one real `fmrl train --config configs/<bench>_<method>.yaml` subprocess at the
-same rollout budget. Then, per bench: a table (final reward, held-out accuracy, diversity,
-rollouts to each reward threshold; mean ± std over seeds), the reward-versus-diversity
+every seed, one real `fmrl train --config configs/<bench>_<method>.yaml` subprocess at its
+config's budget. Then, per bench, every run at one equal rollout budget (EQUAL_ROLLOUTS: a run
+with more is evaluated at its checkpoint made with exactly that many, by `fmrl eval`, cached
+in the run's directory): a table (reward, held-out accuracy, diversity, rollouts to each
+reward threshold; mean ± std over seeds), the reward-versus-diversity
 front as a picture (docs/images/front_<bench>.png), the methods at matched diversity
 (each method's best setting that keeps at least the diversity every method can keep) with
 Welch's test of AC-Flow against each, and the commit the figures were made at.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fronts import (  # noqa: E402
     Point,
     best_at_diversity,
+    budget_iteration,
     front_gap,
     matched_diversity,
     pareto_front,
@@ -97,6 +100,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("awm", "awm", "algorithm.awm.beta", (0.003, 0.001, 0.03), "AWM KL β"),
 )}
 THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.35, 0.45, 0.55)}  # compose base: 0.285
+# Every method is compared at these rollouts. The compose configs' iterations are sized so a run
+# fits ~10 minutes on the 2-core machine (AWM 100, DiffusionNFT and Flow-GRPO 150, the others
+# 200 iterations of 160 rollouts): the 200-iteration runs are read at their 150-iteration
+# checkpoint, and AWM at its own 16,000 (the table shows each point's rollouts).
+EQUAL_ROLLOUTS = {"digits": 32_000, "compose": 24_000}
 FLAGSHIP = "ac_flow"
 KEEP = (0.5, 0.75)  # matched-diversity floors: these fractions of the base policy's diversity
 
@@ -136,14 +144,43 @@ def launch(bench: str, m: Method, value: float, seed: int, runs: Path, iteration
     return run_dir
 
 
-def read_run(run_dir: Path, thresholds: tuple[float, ...]) -> dict:
+def evaluate_at(run_dir: Path, iteration: int) -> dict:
+    """The run's checkpoint of ``iteration`` evaluated as the run evaluates its last one (`fmrl eval`
+    with the run's config: the same prompts, samples and seed; bitwise the run's own final
+    evaluation when given its last checkpoint); cached as ``eval-at-iter-N/eval.json``."""
+    name = f"iter-{iteration:07d}"
+    out = run_dir / f"eval-at-{name}"
+    if not (out / "eval.json").is_file():
+        print(f"evaluating {run_dir.name} at {name}", file=sys.stderr, flush=True)
+        subprocess.run([str(ROOT / ".venv/bin/fmrl"), "eval", "--checkpoint", str(run_dir / "checkpoints" / name),
+                        "--config", str(run_dir / "config.yaml"), "--out", str(out)],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    e = json.loads((out / "eval.json").read_text())
+    return {k: e[k] for k in ("reward", "accuracy", "diversity")}
+
+
+def read_run(run_dir: Path, bench: str) -> dict | None:
+    """A run's figures at the bench's equal budget (None, said on stderr, when it cannot be read there)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rewards = [r["reward_mean"] for r in rows if r.get("kind") == "train"]
     c = yaml.safe_load((run_dir / "config.yaml").read_text())
     per_it = (c["rollout"]["prompts_per_iteration"] or len(c["rollout"]["prompts"] or [])) * c["rollout"]["samples_per_prompt"]
-    return {"after": summary["after"], "before": summary["before"], "curve": rewards, "per_iteration": per_it,
-            "reach": {th: samples_to_threshold(rewards, per_it, th) for th in thresholds}}
+    final = int(c["run"]["iterations"])
+    kept = [int(d.name.split("-")[1]) for d in (run_dir / "checkpoints").glob("iter-*")]
+    at = budget_iteration(final, kept, per_it, EQUAL_ROLLOUTS[bench])
+    if at is None:
+        print(f"{run_dir.name}: no checkpoint at {EQUAL_ROLLOUTS[bench]:,} rollouts; left out", file=sys.stderr)
+        return None
+    after = summary["after"] if at == final else evaluate_at(run_dir, at)
+    curve = rewards[:at]
+    return {"after": after, "before": summary["before"], "rollouts": at * per_it,
+            "own": (summary["after"]["reward"], final * per_it),
+            "reach": {th: samples_to_threshold(curve, per_it, th) for th in THRESHOLDS[bench]}}
+
+
+def rollouts(per_seed: tuple[int, ...]) -> str:
+    return " / ".join(f"{n:,}" for n in dict.fromkeys(per_seed))
 
 
 def fmt(values: tuple[float, ...] | list[float]) -> str:
@@ -151,14 +188,18 @@ def fmt(values: tuple[float, ...] | list[float]) -> str:
 
 
 def table(points: list[Point], thresholds: tuple[float, ...], base: dict) -> str:
-    lines = ["| method | knob | reward | held-out | diversity | " + " | ".join(f"samples to {t}" for t in thresholds) + " |",
-             "|" + "---|" * (5 + len(thresholds))]
+    lines = ["| method | knob | rollouts | reward | held-out | diversity | "
+             + " | ".join(f"samples to {t}" for t in thresholds) + " | reward at its config's budget |",
+             "|" + "---|" * (7 + len(thresholds))]
     for p in points:
         reach = ["—" if (s := p.samples_to(t)) is None else f"{s:,.0f}" for t in thresholds]
         held = fmt(p.heldout) if p.heldout else "—"
-        lines.append(f"| {p.method} | {p.knob} | {fmt(p.rewards)} | {held} | {fmt(p.diversities)} | " + " | ".join(reach) + " |")
-    lines.append(f"| base policy | | {base['reward']:.3f} | {base['accuracy']:.3f} | {base['diversity']:.3f} |"
-                 + " |" * len(thresholds))
+        own = "" if all(n == r for (_, n), r in zip(p.own, p.rollouts, strict=True)) else \
+            f"{fmt([x for x, _ in p.own])} ({rollouts(tuple(n for _, n in p.own))})"
+        lines.append(f"| {p.method} | {p.knob} | {rollouts(p.rollouts)} | {fmt(p.rewards)} | {held} | {fmt(p.diversities)} | "
+                     + " | ".join(reach) + f" | {own} |")
+    lines.append(f"| base policy | | 0 | {base['reward']:.3f} | {base['accuracy']:.3f} | {base['diversity']:.3f} |"
+                 + " |" * (len(thresholds) + 1))
     return "\n".join(lines)
 
 
@@ -215,8 +256,8 @@ def section(bench: str, points: list[Point], base: dict, seeds: list[int], pictu
         out += ["", f"### At matched diversity: keeping at least {keep:.0%} of the base's ({floor:.3f})", "",
                 "Each method's highest-reward setting whose diversity is at least the floor; AC-Flow's row is the "
                 "best of AC-Flow and its levers (the variants `ac_flow_…`) measured at several seeds.", "",
-                "| method | setting | reward | diversity | " + " | ".join(f"samples to {t}" for t in th)
-                + " | AC-Flow against it (Welch, final reward) |", "|" + "---|" * (5 + len(th))]
+                "| method | setting | rollouts | reward | diversity | " + " | ".join(f"samples to {t}" for t in th)
+                + " | AC-Flow against it (Welch, reward) |", "|" + "---|" * (6 + len(th))]
         # the flagship's row among its settings with several seeds (a test needs them), if any
         seeded = [p for p in points if len(p.rewards) > 1]
         mine = best_at_diversity(seeded, FLAGSHIP, floor, family=True) or best_at_diversity(points, FLAGSHIP, floor,
@@ -232,7 +273,8 @@ def section(bench: str, points: list[Point], base: dict, seeds: list[int], pictu
             if mine is not None and m != FLAGSHIP and len(p.rewards) > 1 and len(mine.rewards) > 1:
                 t, pv = welch(mine.rewards, p.rewards)
                 test = f"Δ = {mine.reward - p.reward:+.3f}, t = {t:.2f}, {verdict(pv)}"
-            out.append(f"| {p.method} | {p.knob} | {fmt(p.rewards)} | {fmt(p.diversities)} | " + " | ".join(reach)
+            out.append(f"| {p.method} | {p.knob} | {rollouts(p.rollouts)} | {fmt(p.rewards)} | {fmt(p.diversities)} | "
+                       + " | ".join(reach)
                        + f" | {test} |")
         if missing:
             out.append(f"\nNo setting measured keeps this diversity: {', '.join(missing)}.")
@@ -301,21 +343,29 @@ def main() -> None:
         for mname in args.methods:
             m = METHODS[mname]
             for v in m.values:
-                runs = [read_run(done[(b, mname, v, s)], THRESHOLDS[b]) for s in args.seeds if (b, mname, v, s) in done]
+                runs = [r for s in args.seeds if (b, mname, v, s) in done
+                        if (r := read_run(done[(b, mname, v, s)], b)) is not None]
                 if not runs:
                     continue
                 base = base or runs[0]["before"]
                 points.append(Point(mname, f"{m.knob.rsplit('.', 1)[1]}={v:g}",
                                     tuple(r["after"]["reward"] for r in runs), tuple(r["after"]["diversity"] for r in runs),
                                     tuple(r["after"]["accuracy"] for r in runs if r["after"].get("accuracy") is not None),
-                                    {t: tuple(r["reach"][t] for r in runs) for t in THRESHOLDS[b]}))
+                                    {t: tuple(r["reach"][t] for r in runs) for t in THRESHOLDS[b]},
+                                    tuple(r["rollouts"] for r in runs), tuple(r["own"] for r in runs)))
         if points and base is not None:
             sections.append(section(b, points, base, args.seeds, ROOT / "docs" / "images" / f"front_{b}.png"))
     text = (f"# Bench results\n\n{partial(plan, done)}Made at commit {commit()} by `python {' '.join(sys.argv)}` "
             "on the 2-core build machine "
-            "(runs present in the runs directory are reused). Reward and diversity are the run's final CFG-free "
-            "evaluation; held-out is the evaluation-only model's accuracy; \"samples to x\": rollouts until the "
-            "5-iteration moving average of the batch reward first reaches x (mean over seeds; — when a seed never did).\n\n"
+            "(runs present in the runs directory are reused). Every method is compared at the same rollout budget: "
+            + "; ".join(f"{b} {n:,}" for b, n in EQUAL_ROLLOUTS.items())
+            + " (a run whose config makes more is read at its checkpoint made with exactly that many; a run whose "
+            "config makes fewer — AWM on compose, sized to ~10 minutes — at its own, shown in the rollouts column). "
+            "Reward and diversity are the CFG-free evaluation at that budget (the run's own final evaluation, or "
+            "`fmrl eval` of the checkpoint with the run's config: the same prompts, samples and seed); held-out is the "
+            "evaluation-only model's accuracy; \"samples to x\": rollouts until the 5-iteration moving average of the "
+            "batch reward first reaches x within that budget (mean over seeds; — when a seed never did); the last "
+            "column is the final reward at the run's config budget where that differs.\n\n"
             + "\n\n".join(sections) + "\n")
     args.out.write_text(text)
     print(text)

@@ -23,6 +23,10 @@ class Point:
     diversities: tuple[float, ...]
     heldout: tuple[float, ...] = ()
     reach: dict[float, tuple[int | None, ...]] = field(default_factory=dict)
+    rollouts: tuple[int, ...] = ()
+    """Per seed, the rollouts the figures above were made with."""
+    own: tuple[tuple[float, int], ...] = ()
+    """Per seed, the final reward at the run's own (config) budget and that budget's rollouts."""
 
     @property
     def reward(self) -> float:
@@ -48,6 +52,17 @@ def samples_to_threshold(rewards: list[float], per_iteration: int, threshold: fl
         if statistics.fmean(rewards[i - window + 1:i + 1]) >= threshold:
             return (i + 1) * per_iteration
     return None
+
+
+def budget_iteration(final: int, kept: list[int] | tuple[int, ...], per_iteration: int, budget: int) -> int | None:
+    """The iteration whose evaluation stands for a run at an equal rollout ``budget``: its last
+    (``final``) when it made no more rollouts than the budget (a shorter run is compared at its
+    own, smaller budget, and says so), else the kept checkpoint made with exactly the budget's
+    rollouts; None when that checkpoint was not kept (the run cannot be compared there)."""
+    if final * per_iteration <= budget:
+        return final
+    at = budget // per_iteration
+    return at if at * per_iteration == budget and at in kept else None
 
 
 def dominates(a: Point, b: Point) -> bool:

@@ -85,3 +85,12 @@ def test_a_point_reports_samples_only_when_every_seed_got_there():
     p = fr.Point("m", "k", (0.9, 0.9), (1.0, 1.0), reach={0.9: (100, 300)})
     assert p.samples_to(0.9) == 200.0 and p.reward == 0.9
     assert fr.Point("m", "k", (0.9,), (1.0,), reach={0.9: (100, None)}).samples_to(0.9) is None
+
+
+def test_a_run_is_read_at_the_equal_budget_its_own_last_iteration_or_the_checkpoint_made_with_it():
+    # 160 rollouts an iteration, budget 24,000 = 150 iterations
+    assert fr.budget_iteration(150, [100, 150], 160, 24_000) == 150    # made exactly the budget: its last
+    assert fr.budget_iteration(100, [50, 100], 160, 24_000) == 100     # made fewer: its own, smaller budget
+    assert fr.budget_iteration(200, [150, 200], 160, 24_000) == 150    # made more: the checkpoint at 24,000
+    assert fr.budget_iteration(200, [100, 200], 160, 24_000) is None   # that checkpoint was not kept
+    assert fr.budget_iteration(200, [150, 200], 170, 24_000) is None   # no iteration makes exactly 24,000
