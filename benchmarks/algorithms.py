@@ -144,22 +144,25 @@ def launch(bench: str, m: Method, value: float, seed: int, runs: Path, iteration
     return run_dir
 
 
-def evaluate_at(run_dir: Path, iteration: int) -> dict:
+def evaluate_at(run_dir: Path, iteration: int, sets: tuple[str, ...]) -> dict:
     """The run's checkpoint of ``iteration`` evaluated as the run evaluates its last one (`fmrl eval`
     with the run's config: the same prompts, samples and seed; bitwise the run's own final
-    evaluation when given its last checkpoint); cached as ``eval-at-iter-N/eval.json``."""
+    evaluation when given its last checkpoint); cached as ``eval-at-iter-N/eval.json``. ``sets``:
+    the method's own overrides, given again so that a config saved before a setting existed
+    still validates as the variant it was launched as (they change no evaluation figure)."""
     name = f"iter-{iteration:07d}"
     out = run_dir / f"eval-at-{name}"
     if not (out / "eval.json").is_file():
         print(f"evaluating {run_dir.name} at {name}", file=sys.stderr, flush=True)
         subprocess.run([str(ROOT / ".venv/bin/fmrl"), "eval", "--checkpoint", str(run_dir / "checkpoints" / name),
-                        "--config", str(run_dir / "config.yaml"), "--out", str(out)],
+                        "--config", str(run_dir / "config.yaml"), "--out", str(out),
+                        *[x for v in sets for x in ("--set", v)]],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     e = json.loads((out / "eval.json").read_text())
     return {k: e[k] for k in ("reward", "accuracy", "diversity")}
 
 
-def read_run(run_dir: Path, bench: str) -> dict | None:
+def read_run(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None:
     """A run's figures at the bench's equal budget (None, said on stderr, when it cannot be read there)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -172,7 +175,7 @@ def read_run(run_dir: Path, bench: str) -> dict | None:
     if at is None:
         print(f"{run_dir.name}: no checkpoint at {EQUAL_ROLLOUTS[bench]:,} rollouts; left out", file=sys.stderr)
         return None
-    after = summary["after"] if at == final else evaluate_at(run_dir, at)
+    after = summary["after"] if at == final else evaluate_at(run_dir, at, sets)
     curve = rewards[:at]
     return {"after": after, "before": summary["before"], "rollouts": at * per_it,
             "own": (summary["after"]["reward"], final * per_it),
@@ -344,7 +347,7 @@ def main() -> None:
             m = METHODS[mname]
             for v in m.values:
                 runs = [r for s in args.seeds if (b, mname, v, s) in done
-                        if (r := read_run(done[(b, mname, v, s)], b)) is not None]
+                        if (r := read_run(done[(b, mname, v, s)], b, m.sets)) is not None]
                 if not runs:
                     continue
                 base = base or runs[0]["before"]
