@@ -212,24 +212,30 @@ def draw_front(bench: str, points: list[Point], front: list[Point], base: dict, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
     methods = list(dict.fromkeys(p.method for p in points))
+    colours = [*plt.get_cmap("tab10").colors, "black", "#6b6b00"]  # one colour a method (tab10 repeats after 10)
+    markers = "osD^v<>pPXh*"
     for i, meth in enumerate(methods):
         mine = sorted((p for p in points if p.method == meth), key=lambda p: p.diversity)
         xs, ys = [p.diversity for p in mine], [p.reward for p in mine]
         xe = [statistics.stdev(p.diversities) if len(p.diversities) > 1 else 0.0 for p in mine]
         ye = [statistics.stdev(p.rewards) if len(p.rewards) > 1 else 0.0 for p in mine]
         style = {"lw": 2.5, "zorder": 3} if meth == FLAGSHIP else {"lw": 1.2}
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, label=METHODS[meth].label, color=f"C{i}", **style)
+        fewer = sorted({n for p in mine for n in p.rollouts if n != EQUAL_ROLLOUTS[bench]})
+        label = METHODS[meth].label + (f" (at {rollouts(tuple(fewer))} rollouts)" if fewer else "")
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=markers[i % len(markers)], capsize=2, label=label,
+                    color=colours[i % len(colours)], **style)
         for p in mine:
             ax.annotate(p.knob.split("=")[-1], (p.diversity, p.reward), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([p.diversity for p in front], [p.reward for p in front], ls="--", color="grey", lw=1, label="front (all methods)")
     ax.scatter([base["diversity"]], [base["reward"]], marker="*", s=120, color="black", label="base policy", zorder=4)
     ax.set_xlabel("diversity (mean pairwise distance of evaluation samples per prompt)")
-    ax.set_ylabel("final reward (CFG-free evaluation)")
-    ax.set_title(f"{bench}: reward against diversity, each method along its own knob (mean ± std over seeds)")
+    ax.set_ylabel(f"reward at {EQUAL_ROLLOUTS[bench]:,} rollouts (CFG-free evaluation)")
+    ax.set_title(f"{bench}: reward against diversity at {EQUAL_ROLLOUTS[bench]:,} rollouts, each method along its own "
+                 "knob (mean ± std over seeds)")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
