@@ -31,6 +31,7 @@ from learner.objectives.ac_flow import (
     critic_weights,
     explained_variance,
     explained_variance_by_t,
+    implicit_velocity,
 )
 from learner.objectives.advantage_flow import advantage_flow_loss, check_convexity
 from learner.objectives.awm import awm_log_prob, awm_loss
@@ -229,8 +230,11 @@ class ACFlowRule:
         c = cond_of(mb)
         v = ln.actor(mb["x_t"], mb["t"], c)
         anchor = ln.rollout if self.p.anchor == "rollout" else ln.reference
+        beta = self.p.implicit_step
         with torch.no_grad():
-            v_anchor = anchor(mb["x_t"], mb["t"], c) if self.p.alpha > 0 else v.detach()
+            v_anchor = anchor(mb["x_t"], mb["t"], c) if self.p.alpha > 0 or beta != 1.0 else v.detach()
+        if beta != 1.0:  # the implicit policy around the anchor; π_θ itself moves 1/β as far
+            v = implicit_velocity(v, v_anchor, beta)
         return ac_flow_actor_loss(v, mb["u"], v_anchor, mb["weights"], alpha=self.p.alpha)
 
     def _critic_draws(self, ln: Learner, b: Batch) -> Prepared:

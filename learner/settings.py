@@ -71,6 +71,7 @@ class ACFlowParams:
     critic_states: Literal["interpolant", "rollout"] = "interpolant"
     centre_weights: bool = False  # [ours] w − mean(w): no gradient from flat weights (needs α ≥ 1)
     anchor: Literal["reference", "rollout"] = "reference"  # the W2 term's other policy: π_ref or [ours] π_old
+    implicit_step: float = 1.0  # [ours] the loss on v_anchor + β(v_θ − v_anchor): a 1/β step (DiffusionNFT's β)
     tracker: TrackerParams = field(default_factory=TrackerParams)
 
 

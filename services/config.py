@@ -307,6 +307,10 @@ class ACFlowConfig(_Strict):
         "paper's Wasserstein regularisation: a fixed tilt of π_ref; with centre_weights: false, alpha 0.5, "
         "warmup_actor: frozen and learner.rollout_update: copy the bench's ac_flow_tilt, AC-Flow as the paper "
         "states it).")
+    implicit_step: Float = Field(
+        1.0, gt=0, le=1, description="[ours] β of DiffusionNFT's implicit parametrisation: the actor loss is "
+        "applied to v⁺ = v_anchor + β·(v_θ − v_anchor) instead of v_θ, so each batch's optimum moves π_θ 1/β "
+        "times as far from the anchor in the same direction (1: the loss on v_θ, as the paper).")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
     @model_validator(mode="after")

@@ -61,6 +61,16 @@ def ac_flow_actor_loss(
     return weighted_cfm_w2_loss(v_theta, u, v_ref, weights, alpha)
 
 
+def implicit_velocity(v_theta: torch.Tensor, v_anchor: torch.Tensor, beta: float) -> torch.Tensor:
+    """[ours] v⁺ = v_anchor + β·(v_θ − v_anchor), DiffusionNFT's implicit positive policy around the
+    anchor (its v_old), on which the actor loss is put: the batch's optimum for v⁺ is the paper's,
+    so v_θ's is v_anchor + (v⁺* − v_anchor)/β — the same direction, 1/β as far. β = 1 gives v_θ.
+    Gradients flow through v_θ only."""
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"implicit_step must lie in (0, 1], got {beta}")
+    return v_anchor.detach() + beta * (v_theta - v_anchor.detach())
+
+
 def critic_regression_loss(values: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample (V − r̃)². values, targets (B,). Stats: ``explained_variance``
     1 − Var(r̃ − V)/Var(r̃) (1 perfect, 0 no better than the mean, < 0 worse), ``value_mean``."""

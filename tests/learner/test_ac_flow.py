@@ -14,6 +14,7 @@ from learner.objectives.ac_flow import (
     critic_regression_loss,
     critic_weights,
     explained_variance_by_t,
+    implicit_velocity,
 )
 from learner.objectives.orw import orw_cfm_w2_loss
 from learner.settings import ACFlowParams
@@ -221,3 +222,53 @@ def test_the_w2_anchor_is_the_reference_or_the_rollout_policy():
     assert w2_old == 0.0 and to_ref2 == pytest.approx(to_ref, rel=1e-6)
     with pytest.raises(ConfigError, match="anchor"):
         load_config(None, ["algorithm.ac_flow.anchor=previous"])
+
+
+@pytest.mark.parametrize("w", [0.5, -0.5])
+def test_the_implicit_step_moves_the_optimum_one_over_beta_as_far_in_the_same_direction(w):
+    """One sample, one pixel: w·(v⁺ − u)² + α·(v⁺ − a)² with v⁺ = a + β(v_θ − a). The paper's optimum
+    (β = 1) is v* = (w·u + α·a)/(w + α); with β the loss is stationary at v_θ = a + (v* − a)/β."""
+    u, a, alpha, beta = 3.0, 1.0, 1.0, 0.25
+    assert implicit_velocity(torch.tensor(2.0), torch.tensor(1.0), 0.1).item() == pytest.approx(1.1)
+    v_star = (w * u + alpha * a) / (w + alpha)            # 5/3 for w = 0.5, −1 for w = −0.5 (a centred weight)
+    v_theta_star = a + (v_star - a) / beta               # 11/3 and −7
+
+    def grad_at(v: float, b: float) -> float:
+        v_t = torch.tensor([[[[v]]]], dtype=torch.float64, requires_grad=True)
+        anchor = torch.tensor([[[[a]]]], dtype=torch.float64)
+        loss, _ = ac_flow_actor_loss(implicit_velocity(v_t, anchor, b), torch.full_like(anchor, u), anchor,
+                                     torch.tensor([w], dtype=torch.float64), alpha=alpha)
+        loss.sum().backward()
+        return float(v_t.grad)
+
+    assert grad_at(v_star, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert grad_at(v_theta_star, beta) == pytest.approx(0.0, abs=1e-12)
+    assert abs(grad_at(v_star, beta)) > 0.1  # the paper's optimum is not the implicit one's
+    with pytest.raises(ValueError, match="implicit_step"):
+        implicit_velocity(torch.tensor(1.0), torch.tensor(1.0), 0.0)
+
+
+def test_the_implicit_step_scales_a_fresh_learners_actor_gradient_by_beta():
+    """A fresh learner's π_old is π_θ, so v⁺ = v_θ in value: the loss is the paper's, and its gradient
+    through v⁺ = π_old + β(v_θ − π_old) is β times the paper's, parameter by parameter."""
+    from learner.rules import Batch
+
+    def grads(beta: float) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        ln = _ac_learner(alpha=1.0, tau=2.0, centre_weights=True, anchor="rollout", implicit_step=beta)
+        traj = fake_batch()
+        b = Batch(traj.states[:, -1], ln.encode(list(traj.prompts)).index(traj.prompt_ids), REWARDS,
+                  traj.prompt_list(), traj.prompt_ids, traj.states, traj.times)
+        prep, _, _ = ln.rule.prepare(ln, b)
+        losses, _ = ln.rule.losses(ln, prep)
+        losses.mean().backward()
+        return float(losses.mean().detach()), [p.grad.clone() for p in ln.actor.parameters() if p.grad is not None]
+
+    loss_1, g_1 = grads(1.0)
+    loss_b, g_b = grads(0.3)
+    assert loss_b == pytest.approx(loss_1, rel=1e-6) and len(g_1) == len(g_b) > 0
+    for x, y in zip(g_1, g_b, strict=True):
+        torch.testing.assert_close(y, 0.3 * x, rtol=1e-5, atol=1e-8)
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="implicit_step"):
+            load_config(None, [f"algorithm.ac_flow.implicit_step={bad}"])
