@@ -77,6 +77,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            ("algorithm.ac_flow.critic_states=rollout", "rollout.keep_states=true")),
     Method("ac_flow_critic_t4", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, critic on 4 t per sample", ("algorithm.ac_flow.critic_t_samples=4",)),
+    # [ours] DiffusionNFT's implicit parametrisation around π_old: a 1/β step (one seed on compose
+    # lifted the reward, docs/algorithms.md); along β at the default's τ
+    Method("ac_flow_implicit", "ac_flow", "algorithm.ac_flow.implicit_step", (0.5, 0.3),
+           "AC-Flow, implicit step β [ours]"),
     # the default with the actor frozen while the critic warms up (the paper's "only the critic
     # trains"; the default before the ORW warm-up)
     Method("ac_flow_frozen", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
