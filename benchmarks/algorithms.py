@@ -218,8 +218,8 @@ def draw_front(bench: str, points: list[Point], front: list[Point], base: dict, 
 
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
     methods = list(dict.fromkeys(p.method for p in points))
-    colours = [*plt.get_cmap("tab10").colors, "black", "#6b6b00"]  # one colour a method (tab10 repeats after 10)
-    markers = "osD^v<>pPXh*"
+    colours = [*plt.get_cmap("tab10").colors, "black", "#6b6b00", "#000080", "#ff8c00"]  # tab10 repeats after 10
+    markers = "osD^v<>pPXh*dH"
     for i, meth in enumerate(methods):
         mine = sorted((p for p in points if p.method == meth), key=lambda p: p.diversity)
         xs, ys = [p.diversity for p in mine], [p.reward for p in mine]
