@@ -350,7 +350,7 @@ def main() -> None:
                 print(f"{rd.name} failed ({e.returncode}); skipped", file=sys.stderr)
                 continue
         done[(b, m.name, v, s)] = rd
-    sections = []
+    sections, short = [], []  # short: the methods whose configs make fewer rollouts than the budget
     for b in args.benches:
         points, base = [], None
         for mname in args.methods:
@@ -366,6 +366,7 @@ def main() -> None:
                                     tuple(r["after"]["accuracy"] for r in runs if r["after"].get("accuracy") is not None),
                                     {t: tuple(r["reach"][t] for r in runs) for t in THRESHOLDS[b]},
                                     tuple(r["rollouts"] for r in runs), tuple(r["own"] for r in runs)))
+        short += sorted({f"{p.method} on {b}" for p in points if any(n < EQUAL_ROLLOUTS[b] for n in p.rollouts)})
         if points and base is not None:
             sections.append(section(b, points, base, args.seeds, ROOT / "docs" / "images" / f"front_{b}.png"))
     text = (f"# Bench results\n\n{partial(plan, done)}Made at commit {commit()} by `python {' '.join(sys.argv)}` "
@@ -373,7 +374,7 @@ def main() -> None:
             "(runs present in the runs directory are reused). Every method is compared at the same rollout budget: "
             + "; ".join(f"{b} {n:,}" for b, n in EQUAL_ROLLOUTS.items())
             + " (a run whose config makes more is read at its checkpoint made with exactly that many; a run whose "
-            "config makes fewer — AWM on compose, sized to ~10 minutes — at its own, shown in the rollouts column). "
+            f"config makes fewer — {', '.join(short) or 'none here'} — at its own, shown in the rollouts column). "
             "Reward and diversity are the CFG-free evaluation at that budget (the run's own final evaluation, or "
             "`fmrl eval` of the checkpoint with the run's config: the same prompts, samples and seed); held-out is the "
             "evaluation-only model's accuracy; \"samples to x\": rollouts until the 5-iteration moving average of the "
