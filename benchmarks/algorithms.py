@@ -15,8 +15,11 @@ Welch's test of AC-Flow against each, and the commit the figures were made at.
     .venv/bin/python benchmarks/algorithms.py --benches digits --methods ac_flow orw_cfm_w2 --seeds 0
     .venv/bin/python benchmarks/algorithms.py --report-only          # tables and pictures of the runs there
 
-Runs already in --runs-dir are reused (a run is named after bench, method, knob value and
-seed); a failed run is reported and skipped. Progress and an estimate of the time left go
+Each run leaves a record in --results (benchmarks/results/, committed: what the tables need of
+it at the equal budget, its batch-reward curve and the commit it was made at), so the comparison
+survives the run directories (git-ignored, and gone with the machine). A run with a record is
+not made again; one whose directory is there is recorded without running (a run is named after
+bench, method, knob value and seed); a failed run is reported and skipped. Progress and an estimate of the time left go
 to stderr.
 """
 
@@ -144,7 +147,9 @@ def launch(bench: str, m: Method, value: float, seed: int, runs: Path, iteration
         sets.append(f"run.iterations={iterations}")
     cmd = [str(ROOT / ".venv/bin/fmrl"), "train", "--config", str(config_of(bench, m)), "--name", name,
            *[x for s in sets for x in ("--set", s)]]
+    t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    (run_dir / "bench.json").write_text(json.dumps({"made_at": commit(), "wall_s": round(time.time() - t0)}) + "\n")
     return run_dir
 
 
@@ -166,8 +171,10 @@ def evaluate_at(run_dir: Path, iteration: int, sets: tuple[str, ...]) -> dict:
     return {k: e[k] for k in ("reward", "accuracy", "diversity")}
 
 
-def read_run(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None:
-    """A run's figures at the bench's equal budget (None, said on stderr, when it cannot be read there)."""
+def record(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None:
+    """What the report needs of a run, at the bench's equal budget (None, said on stderr, when it
+    cannot be read there): the evaluation there, the base's, the batch-reward curve, the rollouts;
+    kept in RESULTS (committed) so the comparison outlives the run directories, which are not."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rewards = [r["reward_mean"] for r in rows if r.get("kind") == "train"]
@@ -180,10 +187,35 @@ def read_run(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | No
         print(f"{run_dir.name}: no checkpoint at {EQUAL_ROLLOUTS[bench]:,} rollouts; left out", file=sys.stderr)
         return None
     after = summary["after"] if at == final else evaluate_at(run_dir, at, sets)
-    curve = rewards[:at]
-    return {"after": after, "before": summary["before"], "rollouts": at * per_it,
-            "own": (summary["after"]["reward"], final * per_it),
-            "reach": {th: samples_to_threshold(curve, per_it, th) for th in THRESHOLDS[bench]}}
+    made = run_dir / "bench.json"  # written at launch: the commit the run was made at
+    return {"run": run_dir.name, "budget": EQUAL_ROLLOUTS[bench], "iteration": at, "per_iteration": per_it,
+            "after": {k: after[k] for k in ("reward", "accuracy", "diversity")},
+            "before": {k: summary["before"][k] for k in ("reward", "accuracy", "diversity")},
+            "own": [summary["after"]["reward"], final * per_it], "batch_reward": rewards[:at],
+            **(json.loads(made.read_text()) if made.is_file() else {"made_at": None})}
+
+
+def result(run_dir: Path, bench: str, results: Path, sets: tuple[str, ...] = ()) -> dict | None:
+    """A run's record from RESULTS when it is there and made at the bench's budget; else read from
+    its directory (when that is there) and saved."""
+    path = results / f"{run_dir.name}.json"
+    if path.is_file():
+        r = json.loads(path.read_text())
+        if r.get("budget") == EQUAL_ROLLOUTS[bench]:
+            return r
+    if not (run_dir / "summary.json").is_file():
+        return None
+    r = record(run_dir, bench, sets)
+    if r is not None:
+        results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r, indent=1) + "\n")
+    return r
+
+
+def figures(r: dict, bench: str) -> dict:
+    """A record as the tables read it: samples to each threshold from its batch-reward curve."""
+    return {**r, "rollouts": r["iteration"] * r["per_iteration"], "own": tuple(r["own"]),
+            "reach": {th: samples_to_threshold(r["batch_reward"], r["per_iteration"], th) for th in THRESHOLDS[bench]}}
 
 
 def rollouts(per_seed: tuple[int, ...]) -> str:
@@ -323,6 +355,8 @@ def main() -> None:
                         "for the middle of three; default: all.")
     p.add_argument("--iterations", type=int, default=None, help="Override run.iterations (the same for every method).")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="Where each run's record is kept (committed: the run directories are not).")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "algorithms_results.md")
     p.add_argument("--report-only", action="store_true", help="Do not launch runs; report those present.")
     args = p.parse_args()
@@ -333,31 +367,35 @@ def main() -> None:
 
     plan = [(b, METHODS[m], v, s) for b in args.benches for m in args.methods if config_of(b, METHODS[m]).is_file()
             for v in values(METHODS[m]) for s in args.seeds]
-    done: dict[tuple, Path] = {}
-    t0, launched = time.time(), 0
-    for i, (b, m, v, s) in enumerate(plan):
-        rd = args.runs_dir / run_name(b, m, v, s)
-        if not (rd / "summary.json").is_file():
-            if args.report_only:
-                continue
-            left = sum(1 for (b2, m2, v2, s2) in plan[i:] if not (args.runs_dir / run_name(b2, m2, v2, s2) / "summary.json").is_file())
-            eta = "" if not launched else f", about {(time.time() - t0) / launched * left / 60:.0f} min left"
-            print(f"[{i + 1}/{len(plan)}] {rd.name} ({left} to run{eta})", file=sys.stderr, flush=True)
-            try:
-                launch(b, m, v, s, args.runs_dir, args.iterations)
-                launched += 1
-            except subprocess.CalledProcessError as e:
-                print(f"{rd.name} failed ({e.returncode}); skipped", file=sys.stderr)
-                continue
-        done[(b, m.name, v, s)] = rd
+    done: dict[tuple, dict] = {}
+
+    def have(b: str, m: Method, v: float, s: int) -> dict | None:
+        r = result(args.runs_dir / run_name(b, m, v, s), b, args.results, m.sets)
+        if r is not None:
+            done[(b, m.name, v, s)] = figures(r, b)
+        return r
+
+    todo = [x for x in plan if have(*x) is None]
+    t0 = time.time()
+    for i, (b, m, v, s) in enumerate(todo):
+        if args.report_only:
+            break
+        eta = "" if not i else f", about {(time.time() - t0) / i * (len(todo) - i) / 60:.0f} min left"
+        print(f"[{len(plan) - len(todo) + i + 1}/{len(plan)}] {run_name(b, m, v, s)} ({len(todo) - i} to run{eta})",
+              file=sys.stderr, flush=True)
+        try:
+            launch(b, m, v, s, args.runs_dir, args.iterations)
+        except subprocess.CalledProcessError as e:
+            print(f"{run_name(b, m, v, s)} failed ({e.returncode}); skipped", file=sys.stderr)
+            continue
+        have(b, m, v, s)
     sections, short = [], []  # short: the methods whose configs make fewer rollouts than the budget
     for b in args.benches:
         points, base = [], None
         for mname in args.methods:
             m = METHODS[mname]
             for v in m.values:
-                runs = [r for s in args.seeds if (b, mname, v, s) in done
-                        if (r := read_run(done[(b, mname, v, s)], b, m.sets)) is not None]
+                runs = [done[(b, mname, v, s)] for s in args.seeds if (b, mname, v, s) in done]
                 if not runs:
                     continue
                 base = base or runs[0]["before"]
@@ -369,9 +407,10 @@ def main() -> None:
         short += sorted({f"{p.method} on {b}" for p in points if any(n < EQUAL_ROLLOUTS[b] for n in p.rollouts)})
         if points and base is not None:
             sections.append(section(b, points, base, args.seeds, ROOT / "docs" / "images" / f"front_{b}.png"))
+    made = sorted({str(r.get("made_at")) for r in done.values() if r.get("made_at")})
     text = (f"# Bench results\n\n{partial(plan, done)}Made at commit {commit()} by `python {' '.join(sys.argv)}` "
-            "on the 2-core build machine "
-            "(runs present in the runs directory are reused). Every method is compared at the same rollout budget: "
+            f"on the 2-core build machine, from each run's record in `{args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results}/` "
+            f"(the runs were made at commit{'s' if len(made) > 1 else ''} {', '.join(made) or 'unknown'}). Every method is compared at the same rollout budget: "
             + "; ".join(f"{b} {n:,}" for b, n in EQUAL_ROLLOUTS.items())
             + " (a run whose config makes more is read at its checkpoint made with exactly that many; a run whose "
             f"config makes fewer — {', '.join(short) or 'none here'} — at its own, shown in the rollouts column). "
