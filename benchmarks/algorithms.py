@@ -208,7 +208,7 @@ def result(run_dir: Path, bench: str, results: Path, sets: tuple[str, ...] = ())
     r = record(run_dir, bench, sets)
     if r is not None:
         results.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(r, indent=1) + "\n")
+        path.write_text(json.dumps(r) + "\n")
     return r
 
 
