@@ -74,7 +74,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # actor on ORW weights during the critic's warm-up, so the trade-off is the weights'
     # temperature τ (the config's own 2 first)
     Method("ac_flow", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0), "AC-Flow τ (centred, W2 to π_old)"),
-    # AC-Flow's levers (docs/algorithms.md), each at the default's own τ
+    # AC-Flow's levers (docs/algorithms.md), each at the default's own τ (the frozen warm-up and the
+    # centred variant too: they are levers, not methods; until 2026-12-07 they were swept along τ)
     Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, critic on recorded rollout states",
            ("algorithm.ac_flow.critic_states=rollout", "rollout.keep_states=true")),
@@ -86,16 +87,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "AC-Flow, implicit step β [ours]"),
     # the default with the actor frozen while the critic warms up (the paper's "only the critic
     # trains"; the default before the ORW warm-up)
-    Method("ac_flow_frozen", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
-           "AC-Flow τ, actor frozen in warm-up", ("algorithm.ac_flow.warmup_actor=frozen",)),
+    Method("ac_flow_frozen", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
+           "AC-Flow, actor frozen in warm-up", ("algorithm.ac_flow.warmup_actor=frozen",)),
     # AC-Flow as the paper states it: the critic's weights w and a fixed W2 tilt of π_ref,
     # rollouts from π_θ, the actor frozen in warm-up; its trade-off is α
     Method("ac_flow_tilt", "ac_flow", "algorithm.ac_flow.alpha", (0.5, 0.25, 1.0), "AC-Flow α, W2 to π_ref (paper)",
            ("algorithm.ac_flow.centre_weights=false", "algorithm.ac_flow.anchor=reference",
             "learner.rollout_update=copy", "algorithm.ac_flow.warmup_actor=frozen")),
     # centred weights with the W2 term towards π_ref (docs/compose.md: not enough on its own)
-    Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0),
-           "AC-Flow τ, centred, W2 to π_ref", ("algorithm.ac_flow.anchor=reference", "learner.rollout_update=copy",
+    Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
+           "AC-Flow, centred, W2 to π_ref", ("algorithm.ac_flow.anchor=reference", "learner.rollout_update=copy",
                                               "algorithm.ac_flow.warmup_actor=frozen")),
     Method("orw_cfm_w2", "orw", "algorithm.orw.alpha", (0.5, 0.25, 1.0), "ORW-CFM-W2 α"),
     # γ + λ must exceed A_max = 1 (convexity): γ = 1.1 is the restated default
