@@ -7,7 +7,7 @@ config's budget. Then, per bench, every run at one equal rollout budget (EQUAL_R
 with more is evaluated at its checkpoint made with exactly that many, by `fmrl eval`, cached
 in the run's directory): a table (reward, held-out accuracy, diversity, rollouts to each
 reward threshold; mean ± std over seeds), the reward-versus-diversity
-front as a picture (docs/images/front_<bench>.png), the methods at matched diversity
+front as a picture (images/front_<bench>.png beside the report: docs/images/ by default), the methods at matched diversity
 (each method's best setting that keeps at least the diversity every method can keep) with
 Welch's test of AC-Flow against each, and the commit the figures were made at.
 
@@ -284,7 +284,7 @@ def section(bench: str, points: list[Point], base: dict, seeds: list[int], pictu
     th = THRESHOLDS[bench]
     front = pareto_front(points)
     draw_front(bench, points, front, base, picture)
-    rel = picture.relative_to(ROOT / "docs") if picture.is_relative_to(ROOT / "docs") else picture
+    rel = picture.relative_to(picture.parent.parent)  # beside the report: images/front_<bench>.png
     out = [f"## {bench}\n", f"![{bench} front]({rel})\n", table(points, th, base), ""]
     out.append("On the front (no other point has at least its reward and its diversity): "
                + ", ".join(f"{p.method} {p.knob}" for p in front) + ".")
@@ -407,7 +407,7 @@ def main() -> None:
                                     tuple(r["rollouts"] for r in runs), tuple(r["own"] for r in runs)))
         short += sorted({f"{p.method} on {b}" for p in points if any(n < EQUAL_ROLLOUTS[b] for n in p.rollouts)})
         if points and base is not None:
-            sections.append(section(b, points, base, args.seeds, ROOT / "docs" / "images" / f"front_{b}.png"))
+            sections.append(section(b, points, base, args.seeds, args.out.parent / "images" / f"front_{b}.png"))
     made = sorted({str(r.get("made_at")) for r in done.values() if r.get("made_at")})
     text = (f"# Bench results\n\n{partial(plan, done)}Made at commit {commit()} by `python {' '.join(sys.argv)}` "
             f"on the 2-core build machine, from each run's record in `{args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results}/` "
