@@ -204,7 +204,9 @@ def _start_head(temp: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, env=_env(temp), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + START_S
-    while not address_file.is_file():
+    # Ray creates the file before it writes the address into it: wait for the address itself
+    # (read at creation, it was once empty, and both tests of this head then failed)
+    while not (address_file.is_file() and address_file.read_text().strip().endswith(f":{gcs_port}")):
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"`ray start --head` did not come up:\n{Path(log.name).read_text()[-3000:]}", pytrace=False)
         time.sleep(0.02)
