@@ -114,7 +114,8 @@ THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.35, 0.45, 0.55)}  # co
 # checkpoint, and AWM at its own 16,000 (the table shows each point's rollouts).
 EQUAL_ROLLOUTS = {"digits": 32_000, "compose": 24_000}
 FLAGSHIP = "ac_flow"
-KEEP = (0.5, 0.75)  # matched-diversity floors: these fractions of the base policy's diversity
+KEEP = (0.5, 0.75)
+FIGURES = ("reward", "accuracy", "diversity")  # what an evaluation gives the tables  # matched-diversity floors: these fractions of the base policy's diversity
 
 
 def flagship(method: str) -> bool:
@@ -169,13 +170,13 @@ def evaluate_at(run_dir: Path, iteration: int, sets: tuple[str, ...]) -> dict:
                         *[x for v in sets for x in ("--set", v)]],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     e = json.loads((out / "eval.json").read_text())
-    return {k: e[k] for k in ("reward", "accuracy", "diversity")}
+    return {k: e[k] for k in FIGURES}
 
 
 def record(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None:
     """What the report needs of a run, at the bench's equal budget (None, said on stderr, when it
     cannot be read there): the evaluation there, the base's, the batch-reward curve, the rollouts;
-    kept in RESULTS (committed) so the comparison outlives the run directories, which are not."""
+    kept in --results (committed) so the comparison outlives the run directories, which are not."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rewards = [r["reward_mean"] for r in rows if r.get("kind") == "train"]
@@ -190,14 +191,13 @@ def record(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None
     after = summary["after"] if at == final else evaluate_at(run_dir, at, sets)
     made = run_dir / "bench.json"  # written at launch: the commit the run was made at
     return {"run": run_dir.name, "budget": EQUAL_ROLLOUTS[bench], "iteration": at, "per_iteration": per_it,
-            "after": {k: after[k] for k in ("reward", "accuracy", "diversity")},
-            "before": {k: summary["before"][k] for k in ("reward", "accuracy", "diversity")},
+            "after": {k: after[k] for k in FIGURES}, "before": {k: summary["before"][k] for k in FIGURES},
             "own": [summary["after"]["reward"], final * per_it], "batch_reward": rewards[:at],
             **(json.loads(made.read_text()) if made.is_file() else {"made_at": None})}
 
 
 def result(run_dir: Path, bench: str, results: Path, sets: tuple[str, ...] = ()) -> dict | None:
-    """A run's record from RESULTS when it is there and made at the bench's budget; else read from
+    """A run's record from ``results`` when it is there and made at the bench's budget; else read from
     its directory (when that is there) and saved."""
     path = results / f"{run_dir.name}.json"
     if path.is_file():
@@ -378,9 +378,7 @@ def main() -> None:
 
     todo = [x for x in plan if have(*x) is None]
     t0 = time.time()
-    for i, (b, m, v, s) in enumerate(todo):
-        if args.report_only:
-            break
+    for i, (b, m, v, s) in enumerate([] if args.report_only else todo):
         eta = "" if not i else f", about {(time.time() - t0) / i * (len(todo) - i) / 60:.0f} min left"
         print(f"[{len(plan) - len(todo) + i + 1}/{len(plan)}] {run_name(b, m, v, s)} ({len(todo) - i} to run{eta})",
               file=sys.stderr, flush=True)
