@@ -114,8 +114,8 @@ THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.35, 0.45, 0.55)}  # co
 # checkpoint, and AWM at its own 16,000 (the table shows each point's rollouts).
 EQUAL_ROLLOUTS = {"digits": 32_000, "compose": 24_000}
 FLAGSHIP = "ac_flow"
-KEEP = (0.5, 0.75)
-FIGURES = ("reward", "accuracy", "diversity")  # what an evaluation gives the tables  # matched-diversity floors: these fractions of the base policy's diversity
+KEEP = (0.5, 0.75)  # matched-diversity floors: these fractions of the base policy's diversity
+FIGURES = ("reward", "accuracy", "diversity")  # what an evaluation gives the tables
 
 
 def flagship(method: str) -> bool:
