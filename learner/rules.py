@@ -104,6 +104,23 @@ def draw_interpolants(ln: Learner, b: Batch, coupling: str = "independent") -> P
             "tokens": b.cond.tokens, "pooled": b.cond.pooled}
 
 
+def draw_grid_interpolants(ln: Learner, b: Batch, fraction: float, method: str) -> Prepared:
+    """DiffusionNFT's training times [code]: rows (sample i, its j-th time) sample-major, each
+    sample int(K·fraction) distinct times of the rollout grid (``nft_training_times``) with fresh
+    noise each. Like draw_interpolants, the whole batch's times and noise are drawn on every rank
+    and each keeps its own samples' rows. ``method`` names the objective in the error."""
+    if b.times is None:
+        raise ValueError(f"{method} times: grid needs the rollouts' time grid (Trajectory.times)")
+    t = nft_training_times(b.times, b.total, fraction, ln.generator)  # (B, M)
+    m = t.shape[1]
+    eps = torch.randn((b.total, m, *b.x0.shape[1:]), generator=ln.generator)
+    dev = b.x0.device
+    t, eps = t[b.mine].reshape(-1).to(dev), eps[b.mine].flatten(0, 1).to(dev)
+    x0 = b.x0.repeat_interleave(m, 0)
+    return {"x0": x0, "t": t, "x_t": interpolate(x0, eps, t), "u": velocity_target(x0, eps),
+            "tokens": b.cond.tokens.repeat_interleave(m, 0), "pooled": b.cond.pooled.repeat_interleave(m, 0)}
+
+
 def _recorded(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout's recorded states (n, K + 1, C, H, W) and times (K + 1,), or a clear error."""
     if b.states is None or b.times is None or b.states.shape[1] < 2 or b.states.shape[1] != b.times.shape[0]:
@@ -180,12 +197,21 @@ class ACFlowRule:
     actor's draw first, then fresh t and ε per extra draw) or the rollout's recorded states at
     grid indices drawn uniformly (``critic_states: rollout``; the actor's baseline is then the
     value of the recorded state nearest the interpolant's t). Every draw is the whole batch's,
-    sliced to this learner's rows, so a learner group matches one learner."""
+    sliced to this learner's rows, so a learner group matches one learner.
+
+    ``times: grid`` [ours, DiffusionNFT's training times]: the actor trains on M = int(K·fraction)
+    distinct times of each rollout's grid, a row per (sample, time) as DiffusionNFT's rule; each
+    row has its own critic value, advantage and weight (normalised over all the batch's rows), and
+    the critic trains on the same M states per sample."""
 
     def __init__(self, s: LearnerSettings, in_channels: int, cond_dim: int) -> None:
         self.p = s.ac_flow
         if self.p.critic_t_samples < 1:
             raise ValueError(f"critic_t_samples must be at least 1, got {self.p.critic_t_samples}")
+        if self.p.times == "grid" and (self.p.critic_t_samples > 1 or self.p.critic_states == "rollout"):
+            raise ValueError("ac_flow times: grid trains the critic on the actor's grid states; critic_t_samples > 1 "
+                             "and critic_states: rollout need times: uniform")
+        self._m = 1  # the actor's rows per sample (times: grid, M)
         self.tracker = _tracker(self.p.tracker)
         torch.manual_seed(s.seed)
         self.critic = ValueCritic(in_channels, cond_dim, width=self.p.critic_width, norm=self.p.critic_norm)
@@ -198,16 +224,22 @@ class ACFlowRule:
     def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
         norm, tstats = self.tracker.normalize(b.prompts, b.rewards)
         shaped = shape_rewards(norm, self.p.shaping, self.p.shaping_limit)
-        prep = draw_interpolants(ln, b)
-        prep["target"] = shaped[b.mine]
+        if self.p.times == "grid":
+            prep = draw_grid_interpolants(ln, b, self.p.timestep_fraction, "ac_flow")
+            self._m = max(1, int((b.times.numel() - 1) * self.p.timestep_fraction))  # type: ignore[union-attr]
+        else:
+            prep = draw_interpolants(ln, b)
+        m = self._m
+        prep["target"] = shaped[b.mine].repeat_interleave(m)
         prep.update(self._critic_draws(ln, b))
         x_v, t_v = prep["x_t"], prep["t"]
         if self.p.critic_states == "rollout":  # the recorded state nearest each interpolant's t
             states, times = _recorded(b)
             near = (times[None, :] - t_v[:, None]).abs().argmin(1)
             x_v, t_v = states[torch.arange(states.shape[0], device=states.device), near], times[near]
-        with torch.no_grad():  # each rank values its rows; the advantages are the whole batch's
-            value = ln.group.gather(self.critic(x_v, t_v, b.cond.pooled), b.total)
+        with torch.no_grad():  # each rank values its rows; the advantages are the whole batch's (per sample, M each)
+            value = ln.group.gather(self.critic(x_v, t_v, prep["pooled"]).reshape(-1, m), b.total).reshape(-1)
+        shaped = shaped.repeat_interleave(m)  # a row's target: its sample's shaped reward
         adv = shaped - value
         clip_frac = 0.0
         if self.p.advantage_clip is not None:
@@ -220,7 +252,7 @@ class ACFlowRule:
         ess = float(effective_sample_size(w))
         if self.p.centre_weights:  # mean 1 (0 when every linear weight clipped): flat weights give no gradient
             w = w - w.mean()
-        prep["weights"] = w[b.mine]
+        prep["weights"] = w.reshape(b.total, m)[b.mine].reshape(-1)
         stats = {"adv_std": float(adv.std()), "adv_clip_fraction": clip_frac, "warmup": float(warming),
                  "ess": ess,
                  "zero_spread_groups": tstats["zero_spread_groups"]}
@@ -261,15 +293,17 @@ class ACFlowRule:
         g = ln.group
         if self._trained is None:  # wrapped on first use: DDP's construction is a collective
             self._trained = g.wrap(self.critic)
+        m = self._m  # the actor's rows per sample, sample-major
         if self.p.critic_states == "rollout":
             x, t = p["critic_x"], p["critic_t"]
         elif "critic_x" in p:
             x, t = torch.cat([p["x_t"][:, None], p["critic_x"]], 1), torch.cat([p["t"][:, None], p["critic_t"]], 1)
         else:
-            x, t = p["x_t"][:, None], p["t"][:, None]
+            x, t = p["x_t"].reshape(-1, m, *p["x_t"].shape[1:]), p["t"].reshape(-1, m)
         n, k = t.shape  # this learner's samples × the critic's states per sample
-        target = p["target"][:, None].expand(n, k)
-        flat_x, flat_t, pooled = x.reshape(n * k, *x.shape[2:]), t.reshape(n * k), p["pooled"].repeat_interleave(k, 0)
+        target = p["target"][::m][:, None].expand(n, k)
+        pooled = p["pooled"][::m].repeat_interleave(k, 0)
+        flat_x, flat_t = x.reshape(n * k, *x.shape[2:]), t.reshape(n * k)
         for _ in range(self.p.critic_steps):
             pred = self._trained(flat_x, flat_t, pooled).reshape(n, k)
             losses, _ = critic_regression_loss(pred, target)
@@ -405,22 +439,9 @@ class DiffusionNFTRule(_TrackedRule):
         self.p = s.diffusion_nft
         self.tracker = _tracker(self.p.tracker)
 
-    def _grid_interpolants(self, ln: Learner, b: Batch) -> Prepared:
-        """Rows (sample i, its j-th time) sample-major; like draw_interpolants, the whole batch's
-        times and noise are drawn on every rank and each keeps its own samples' rows."""
-        if b.times is None:
-            raise ValueError("diffusion_nft times: grid needs the rollouts' time grid (Trajectory.times)")
-        t = nft_training_times(b.times, b.total, self.p.timestep_fraction, ln.generator)  # (B, M)
-        m = t.shape[1]
-        eps = torch.randn((b.total, m, *b.x0.shape[1:]), generator=ln.generator)
-        dev = b.x0.device
-        t, eps = t[b.mine].reshape(-1).to(dev), eps[b.mine].flatten(0, 1).to(dev)
-        x0 = b.x0.repeat_interleave(m, 0)
-        return {"x0": x0, "t": t, "x_t": interpolate(x0, eps, t), "u": velocity_target(x0, eps),
-                "tokens": b.cond.tokens.repeat_interleave(m, 0), "pooled": b.cond.pooled.repeat_interleave(m, 0)}
-
     def prepare(self, ln: Learner, b: Batch) -> tuple[Prepared, dict[str, float], bool]:
-        prep = self._grid_interpolants(ln, b) if self.p.times == "grid" else draw_interpolants(ln, b)
+        prep = (draw_grid_interpolants(ln, b, self.p.timestep_fraction, "diffusion_nft") if self.p.times == "grid"
+                else draw_interpolants(ln, b))
         adv, stats = self.advantages(b, self.p.advantage_clip)
         m = prep["x0"].shape[0] // adv.shape[0]  # rows per sample
         prep["r"] = nft_optimality(adv, self.p.advantage_clip).repeat_interleave(m)

@@ -72,6 +72,8 @@ class ACFlowParams:
     centre_weights: bool = False  # [ours] w − mean(w): no gradient from flat weights (needs α ≥ 1)
     anchor: Literal["reference", "rollout"] = "reference"  # the W2 term's other policy: π_ref or [ours] π_old
     implicit_step: float = 1.0  # [ours] the loss on v_anchor + β(v_θ − v_anchor): a 1/β step (DiffusionNFT's β)
+    times: Literal["uniform", "grid"] = "uniform"  # the actor's t ~ U(0, 1), or [ours] DiffusionNFT's grid times
+    timestep_fraction: float = 0.99  # grid: int(K·fraction) distinct grid times per sample
     tracker: TrackerParams = field(default_factory=TrackerParams)
 
 

@@ -272,3 +272,54 @@ def test_the_implicit_step_scales_a_fresh_learners_actor_gradient_by_beta():
     for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match="implicit_step"):
             load_config(None, [f"algorithm.ac_flow.implicit_step={bad}"])
+
+
+def _grid_batch(ln: Learner, grid: torch.Tensor):
+    """fake_batch's 8 rollouts with recorded states on ``grid`` (straight paths noise → sample)."""
+    from learner.rules import Batch
+
+    traj = fake_batch()
+    x0, noise = traj.states[:, -1], traj.states[:, 0]
+    states = torch.stack([(1 - t) * x0 + t * noise for t in grid], 1)
+    return Batch(x0, ln.encode(list(traj.prompts)).index(traj.prompt_ids), REWARDS, traj.prompt_list(),
+                 traj.prompt_ids, states, grid)
+
+
+def test_grid_times_train_each_sample_at_distinct_grid_times_each_row_its_own_weight():
+    """times: grid: M = int(K·0.99) = 3 distinct non-terminal grid times per sample (K = 4), a row
+    each with fresh noise; a row's weight is exp(τ·clip(r̃ − V(x_t, t))) of its own state, normalised
+    over all 24 rows; the critic trains on the same 24 states."""
+    torch.manual_seed(0)
+    ln = _ac_learner(times="grid", tau=2.0)
+    grid = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    b = _grid_batch(ln, grid)
+    prep, _, train = ln.rule.prepare(ln, b)
+    m = 3
+    assert train and {k: tuple(v.shape[:1]) for k, v in prep.items()} == dict.fromkeys(prep, (8 * m,))
+    for row in prep["t"].reshape(8, m).tolist():
+        assert len(set(row)) == m and set(row) <= {1.0, 0.75, 0.5, 0.25}
+    x0 = b.x0.repeat_interleave(m, 0)
+    tb = prep["t"][:, None, None, None]
+    eps = (prep["x_t"] - (1 - tb) * x0) / tb  # every grid time here is > 0
+    torch.testing.assert_close(prep["u"], eps - x0)
+    assert len(torch.unique(eps.flatten(1), dim=0)) == 8 * m  # fresh noise per row
+    target = prep["target"].reshape(8, m)
+    assert torch.equal(target, target[:, :1].expand(8, m))  # a row's target: its sample's r̃
+    with torch.no_grad():
+        value = ln.rule.critic(prep["x_t"], prep["t"], prep["pooled"])
+    w = torch.exp(2.0 * (prep["target"] - value).clamp(-1.0, 1.0))
+    torch.testing.assert_close(prep["weights"], w / w.mean())
+    seen = _critic_inputs(ln)
+    stats = ln.update(dataclasses.replace(fake_batch(), states=b.states, times=grid), REWARDS)
+    assert [n for n, _ in seen] == [8 * m, 8 * m]  # the values, then the critic's step on the same rows
+    assert math.isfinite(stats["explained_variance"]) and math.isfinite(stats["loss"])
+
+
+def test_grid_times_refuse_the_critics_own_draws():
+    for extra in ("algorithm.ac_flow.critic_t_samples=2", "algorithm.ac_flow.critic_states=rollout"):
+        with pytest.raises(ConfigError, match="times: grid trains the critic on the actor's grid states") as exc:
+            load_config(None, ["algorithm.ac_flow.times=grid", extra])
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ValueError, match="critic_t_samples > 1"):
+        _ac_learner(times="grid", critic_t_samples=2)
+    assert load_config(None, ["algorithm.ac_flow.times=grid"]).learner_settings().ac_flow.times == "grid"

@@ -37,9 +37,10 @@ from samplers.sampler import Sampler
 from tests.helpers import table_encode, tiny_velocity
 
 WORLD = 2
-# ac_flow_trust: AC-Flow with centred weights and its W2 term towards an EMA π_old (anchor: rollout)
+# ac_flow_trust: AC-Flow with centred weights and its W2 term towards an EMA π_old (anchor: rollout);
+# ac_flow_grid: the same on DiffusionNFT's grid times (2 rows a sample; the ranks' 5 and 4 samples)
 OBJECTIVES = ["orw_cfm_w2", "ac_flow", "ac_flow_trust", "advantage_flow", "diffusion_nft", "flow_grpo", "awm"]
-CASES = [(o, lora) for o in OBJECTIVES for lora in (False, True)]
+CASES = [(o, lora) for o in OBJECTIVES for lora in (False, True)] + [("ac_flow_grid", False)]
 RESUMED = [("ac_flow", True), ("diffusion_nft", False)]  # FSDP checkpoints: a LoRA and a full policy
 PROMPTS = ["a handwritten one", "a handwritten two", "a handwritten three"]
 TRACKER = TrackerParams(buffer_size=8, min_count=4)  # per-prompt statistics from the second batch on
@@ -47,7 +48,7 @@ TOL = 1e-4  # float32 reduction order: measured ~1e-6 (see the module docstring)
 
 
 def _settings(case: str) -> LearnerSettings:
-    objective = "ac_flow" if case == "ac_flow_trust" else case
+    objective = "ac_flow" if case.startswith("ac_flow") else case
     s = LearnerSettings(
         objective=objective, lr=1e-2, warmup_steps=0, micro_batch_size=4, seed=3,
         orw=ORWParams(normalize_weights=True),
@@ -57,11 +58,13 @@ def _settings(case: str) -> LearnerSettings:
         awm=AWMParams(t_samples=2, tracker=dataclasses.replace(TRACKER, global_std=True)),
         flow_grpo=FlowGRPOParams(clip_eps=0.2, tracker=dataclasses.replace(TRACKER, global_std=True)),
     )
-    if case in ("advantage_flow", "diffusion_nft", "ac_flow_trust"):
+    if case in ("advantage_flow", "diffusion_nft", "ac_flow_trust", "ac_flow_grid"):
         s = dataclasses.replace(s, rollout_update="ema", rollout_ema_decay=0.5)
-    if case == "ac_flow_trust":
+    if case in ("ac_flow_trust", "ac_flow_grid"):
         s = dataclasses.replace(s, ac_flow=dataclasses.replace(s.ac_flow, centre_weights=True, alpha=1.0,
                                                                anchor="rollout"))
+    if case == "ac_flow_grid":
+        s = dataclasses.replace(s, ac_flow=dataclasses.replace(s.ac_flow, times="grid", critic_t_samples=1))
     return s
 
 
