@@ -26,6 +26,7 @@ to stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from fronts import (  # noqa: E402
     Point,
@@ -138,15 +140,52 @@ def run_name(bench: str, m: Method, value: float, seed: int) -> str:
     return f"{bench}-{m.name}-{m.knob.rsplit('.', 1)[1]}{value:g}-s{seed}"
 
 
+def run_sets(m: Method, value: float, seed: int, iterations: int | None) -> list[str]:
+    """The overrides that make a run the bench's (besides where it goes)."""
+    return [f"run.seed={seed}", f"{m.knob}={value}", *m.sets, *([f"run.iterations={iterations}"] if iterations else [])]
+
+
+def settings_digest(path: Path, sets: list[str] | tuple[str, ...] = (), *, run: bool = False) -> str | None:
+    """What a run trains with, as a digest: the config at ``path`` with ``sets``, read through today's
+    schema (``run``: a run's own config.yaml, whose keys predating it take the values it ran with),
+    without what only names or places the run (run.name, run.out_dir, run.progress) or serves its
+    metrics. A record is trusted only for the settings the bench launches now, so a changed default
+    makes its runs again rather than report them under it. None where today's schema refuses it."""
+    from services.config import ConfigError, load_config
+
+    try:
+        c = load_config(path, list(sets), run=run).model_dump(mode="json")
+    except ConfigError as e:
+        print(f"{path}: {e}", file=sys.stderr)
+        return None
+    for k in ("name", "out_dir", "progress"):
+        c["run"].pop(k, None)
+    c.pop("metrics", None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def expected_settings(bench: str, m: Method, value: float, seed: int, iterations: int | None) -> str | None:
+    """The digest of the settings the bench launches this run with."""
+    return settings_digest(config_of(bench, m), run_sets(m, value, seed, iterations))
+
+
+def run_settings(run_dir: Path) -> str | None:
+    return settings_digest(run_dir / "config.yaml", run=True) if (run_dir / "config.yaml").is_file() else None
+
+
 def launch(bench: str, m: Method, value: float, seed: int, runs: Path, iterations: int | None) -> Path:
-    """One `fmrl train` run (reused when its summary is there); its directory."""
+    """One `fmrl train` run (reused when its summary is there and it ran with the bench's settings;
+    one made with others is moved to ``runs/stale/``); its directory."""
     name = run_name(bench, m, value, seed)
     run_dir = runs / name
     if (run_dir / "summary.json").is_file():
-        return run_dir
-    sets = [f"run.out_dir={runs}", f"run.seed={seed}", "run.progress=false", f"{m.knob}={value}", *m.sets]
-    if iterations is not None:
-        sets.append(f"run.iterations={iterations}")
+        if run_settings(run_dir) == expected_settings(bench, m, value, seed, iterations):
+            return run_dir
+        aside = runs / "stale" / f"{name}-{run_settings(run_dir)}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(aside)
+        print(f"{name}: ran with other settings than the bench's now; moved to {aside}", file=sys.stderr)
+    sets = [f"run.out_dir={runs}", "run.progress=false", *run_sets(m, value, seed, iterations)]
     cmd = [str(ROOT / ".venv/bin/fmrl"), "train", "--config", str(config_of(bench, m)), "--name", name,
            *[x for s in sets for x in ("--set", s)]]
     t0 = time.time()
@@ -190,21 +229,30 @@ def record(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None
         return None
     after = summary["after"] if at == final else evaluate_at(run_dir, at, sets)
     made = run_dir / "bench.json"  # written at launch: the commit the run was made at
-    return {"run": run_dir.name, "budget": EQUAL_ROLLOUTS[bench], "iteration": at, "per_iteration": per_it,
+    return {"run": run_dir.name, "budget": EQUAL_ROLLOUTS[bench], "settings": run_settings(run_dir),
+            "iteration": at, "per_iteration": per_it,
             "after": {k: after[k] for k in FIGURES}, "before": {k: summary["before"][k] for k in FIGURES},
             "own": [summary["after"]["reward"], final * per_it], "batch_reward": rewards[:at],
             **(json.loads(made.read_text()) if made.is_file() else {"made_at": None})}
 
 
-def result(run_dir: Path, bench: str, results: Path, sets: tuple[str, ...] = ()) -> dict | None:
-    """A run's record from ``results`` when it is there and made at the bench's budget; else read from
-    its directory (when that is there) and saved."""
+def result(run_dir: Path, bench: str, results: Path, sets: tuple[str, ...] = (), expected: str | None = None) -> dict | None:
+    """A run's record from ``results`` when it is there, made at the bench's budget and with the
+    ``expected`` settings (``settings_digest``); else read from its directory (when that is there
+    and ran with them) and saved. A record made before records kept their settings gets them from
+    its directory; without one it is not trusted."""
     path = results / f"{run_dir.name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
         if r.get("budget") == EQUAL_ROLLOUTS[bench]:
-            return r
-    if not (run_dir / "summary.json").is_file():
+            if "settings" not in r and (run_dir / "config.yaml").is_file():
+                r = {**r, "settings": run_settings(run_dir)}
+                path.write_text(json.dumps(r) + "\n")
+            if r.get("settings") == expected:
+                return r
+            print(f"{run_dir.name}: its record was made with other settings than the bench's now "
+                  f"({r.get('settings')}, not {expected}); not reported", file=sys.stderr)
+    if not (run_dir / "summary.json").is_file() or run_settings(run_dir) != expected:
         return None
     r = record(run_dir, bench, sets)
     if r is not None:
@@ -371,7 +419,8 @@ def main() -> None:
     done: dict[tuple, dict] = {}
 
     def have(b: str, m: Method, v: float, s: int) -> dict | None:
-        r = result(args.runs_dir / run_name(b, m, v, s), b, args.results, m.sets)
+        r = result(args.runs_dir / run_name(b, m, v, s), b, args.results, m.sets,
+                   expected_settings(b, m, v, s, args.iterations))
         if r is not None:
             done[(b, m.name, v, s)] = figures(r, b)
         return r

@@ -1,6 +1,7 @@
 """benchmarks/algorithms.py keeps each run's figures as a committed record: made from a run
 directory at the bench's equal budget (the final evaluation, or the cached one of the budget's
-checkpoint), read back without the directory, and not trusted once the budget differs."""
+checkpoint), read back without the directory, and not trusted once the budget or the settings the
+bench launches the run with differ."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_a_run_at_the_budget_is_recorded_and_read_back_without_its_directory(tmp
     d = _run(tmp_path / "runs", "digits-x-tau2-s0", 200, [100, 200], rewards)
     (d / "bench.json").write_text(json.dumps({"made_at": "abc1234", "wall_s": 300}))
     results = tmp_path / "results"
-    r = bench.result(d, "digits", results)
+    mine = bench.run_settings(d)
+    r = bench.result(d, "digits", results, expected=mine)
     assert r["iteration"] == 200 and r["per_iteration"] == 160 and r["made_at"] == "abc1234"
     assert r["after"] == {"reward": 0.9, "accuracy": 0.8, "diversity": 4.0}
     assert r["before"] == {"reward": 0.1, "accuracy": 0.2, "diversity": 5.0}
@@ -48,7 +50,7 @@ def test_a_run_at_the_budget_is_recorded_and_read_back_without_its_directory(tmp
     assert f["reach"][0.95] == 13 * 160
     # the directory gone, the record stands for the run
     (d / "summary.json").unlink()
-    assert bench.result(d, "digits", results) == r
+    assert bench.result(d, "digits", results, expected=mine) == r
     assert json.loads((results / "digits-x-tau2-s0.json").read_text()) == r
 
 
@@ -59,7 +61,8 @@ def test_a_longer_run_is_recorded_at_its_budget_checkpoint_and_a_stale_budget_is
     at.mkdir()
     (at / "eval.json").write_text(json.dumps({"reward": 0.45, "accuracy": 0.3, "diversity": 4.5, "n": 320}))
     results = tmp_path / "results"
-    r = bench.result(d, "compose", results)
+    mine = bench.run_settings(d)
+    r = bench.result(d, "compose", results, expected=mine)
     assert r["iteration"] == 150 and r["after"] == {"reward": 0.45, "accuracy": 0.3, "diversity": 4.5}
     assert r["own"] == [0.9, 32_000] and len(r["batch_reward"]) == 150 and r["made_at"] is None
     f = bench.figures(r, "compose")
@@ -67,7 +70,39 @@ def test_a_longer_run_is_recorded_at_its_budget_checkpoint_and_a_stale_budget_is
     # a record made at another budget is not trusted: made again from the directory, or missing
     path = results / "compose-x-tau2-s1.json"
     path.write_text(json.dumps({**r, "budget": 32_000, "after": {"reward": 0.0}}))
-    assert bench.result(d, "compose", results) == r
+    assert bench.result(d, "compose", results, expected=mine) == r
     path.write_text(json.dumps({**r, "budget": 32_000}))
     (d / "summary.json").unlink()
-    assert bench.result(d, "compose", results) is None
+    assert bench.result(d, "compose", results, expected=mine) is None
+
+
+def test_a_record_stands_only_for_the_settings_the_bench_launches_now(tmp_path, capsys):
+    """The settings digest: the bench's config with the method's overrides equals the config.yaml
+    `fmrl train` writes for it (whatever its name, place and metrics port); a changed setting —
+    a default changed in the method's config since — makes the record and the directory stale."""
+    from services.config import dump_config, load_config
+
+    m = bench.METHODS["ac_flow_frozen"]
+    want = bench.expected_settings("compose", m, 2.0, 1, None)
+    # as `fmrl train --config configs/compose_ac_flow.yaml --name … --set run.out_dir=… …` writes it
+    ran = load_config(bench.config_of("compose", m), [f"run.out_dir={tmp_path}", "run.progress=false", "run.name=x",
+                                                      "metrics.port=9999", *bench.run_sets(m, 2.0, 1, None)])
+    d = _run(tmp_path / "runs", "compose-ac_flow_frozen-tau2-s1", 200, [150, 200], [0.3] * 200)
+    (d / "config.yaml").write_text(dump_config(ran))
+    assert bench.run_settings(d) == want and len(want) == 16
+    assert bench.expected_settings("compose", m, 2.0, 2, None) != want  # the seed is a setting
+    assert bench.expected_settings("compose", bench.METHODS["ac_flow"], 2.0, 1, None) != want  # the lever's own
+    results = tmp_path / "results"
+    at = d / "eval-at-iter-0000150"
+    at.mkdir()
+    (at / "eval.json").write_text(json.dumps({"reward": 0.45, "accuracy": 0.3, "diversity": 4.5}))
+    r = bench.result(d, "compose", results, m.sets, want)
+    assert r["settings"] == want
+    # the bench's settings changed since: neither the record nor the directory stands for the run
+    assert bench.result(d, "compose", results, m.sets, "0" * 16) is None
+    assert "made with other settings than the bench's now" in capsys.readouterr().err
+    # a record from before records kept their settings gets them from its directory
+    old = {k: v for k, v in r.items() if k != "settings"}
+    (results / f"{d.name}.json").write_text(json.dumps(old))
+    assert bench.result(d, "compose", results, m.sets, want) == r
+    assert json.loads((results / f"{d.name}.json").read_text()) == r
