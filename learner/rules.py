@@ -201,16 +201,13 @@ class ACFlowRule:
 
     ``times: grid`` [ours, DiffusionNFT's training times]: the actor trains on M = int(K·fraction)
     distinct times of each rollout's grid, a row per (sample, time) as DiffusionNFT's rule; each
-    row has its own critic value, advantage and weight (normalised over all the batch's rows), and
-    the critic trains on the same M states per sample."""
+    row has its own critic value, advantage and weight (normalised over all the batch's rows); the
+    critic trains on those M states per sample (and its extra draws, once per sample)."""
 
     def __init__(self, s: LearnerSettings, in_channels: int, cond_dim: int) -> None:
         self.p = s.ac_flow
         if self.p.critic_t_samples < 1:
             raise ValueError(f"critic_t_samples must be at least 1, got {self.p.critic_t_samples}")
-        if self.p.times == "grid" and (self.p.critic_t_samples > 1 or self.p.critic_states == "rollout"):
-            raise ValueError("ac_flow times: grid trains the critic on the actor's grid states; critic_t_samples > 1 "
-                             "and critic_states: rollout need times: uniform")
         self._m = 1  # the actor's rows per sample (times: grid, M)
         self.tracker = _tracker(self.p.tracker)
         torch.manual_seed(s.seed)
@@ -231,12 +228,14 @@ class ACFlowRule:
             prep = draw_interpolants(ln, b)
         m = self._m
         prep["target"] = shaped[b.mine].repeat_interleave(m)
-        prep.update(self._critic_draws(ln, b))
+        # the critic's own draws are a sample's: repeated on its M rows, so every key is row-shaped
+        prep.update({k: v.repeat_interleave(m, 0) for k, v in self._critic_draws(ln, b).items()})
         x_v, t_v = prep["x_t"], prep["t"]
         if self.p.critic_states == "rollout":  # the recorded state nearest each interpolant's t
             states, times = _recorded(b)
             near = (times[None, :] - t_v[:, None]).abs().argmin(1)
-            x_v, t_v = states[torch.arange(states.shape[0], device=states.device), near], times[near]
+            sample = torch.arange(x_v.shape[0], device=states.device) // m
+            x_v, t_v = states[sample, near], times[near]
         with torch.no_grad():  # each rank values its rows; the advantages are the whole batch's (per sample, M each)
             value = ln.group.gather(self.critic(x_v, t_v, prep["pooled"]).reshape(-1, m), b.total).reshape(-1)
         shaped = shaped.repeat_interleave(m)  # a row's target: its sample's shaped reward
@@ -293,13 +292,14 @@ class ACFlowRule:
         g = ln.group
         if self._trained is None:  # wrapped on first use: DDP's construction is a collective
             self._trained = g.wrap(self.critic)
-        m = self._m  # the actor's rows per sample, sample-major
+        m = self._m  # the actor's rows per sample, sample-major; the critic's own draws repeat on them
+        actor_x, actor_t = p["x_t"].reshape(-1, m, *p["x_t"].shape[1:]), p["t"].reshape(-1, m)
         if self.p.critic_states == "rollout":
-            x, t = p["critic_x"], p["critic_t"]
+            x, t = p["critic_x"][::m], p["critic_t"][::m]
         elif "critic_x" in p:
-            x, t = torch.cat([p["x_t"][:, None], p["critic_x"]], 1), torch.cat([p["t"][:, None], p["critic_t"]], 1)
+            x, t = torch.cat([actor_x, p["critic_x"][::m]], 1), torch.cat([actor_t, p["critic_t"][::m]], 1)
         else:
-            x, t = p["x_t"].reshape(-1, m, *p["x_t"].shape[1:]), p["t"].reshape(-1, m)
+            x, t = actor_x, actor_t
         n, k = t.shape  # this learner's samples × the critic's states per sample
         target = p["target"][::m][:, None].expand(n, k)
         pooled = p["pooled"][::m].repeat_interleave(k, 0)

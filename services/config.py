@@ -314,18 +314,11 @@ class ACFlowConfig(_Strict):
     times: Literal["uniform", "grid"] = Field(
         "uniform", description="The actor's training times: one t ~ U(0, 1) per sample (uniform), or [ours] "
         "DiffusionNFT's: int(K·timestep_fraction) distinct times of each rollout's grid, fresh noise each, a loss "
-        "row per (sample, time) with its own critic value and weight; the critic then trains on those states "
-        "(critic_t_samples 1, critic_states interpolant).")
+        "row per (sample, time) with its own critic value and weight; the critic trains on those states (and "
+        "its own draws: critic_t_samples, critic_states).")
     timestep_fraction: Float = Field(0.99, gt=0, le=1, description="times grid: the fraction of the K grid times "
                                      "each sample trains on (0.99 of 10 steps: 9).")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
-
-    @model_validator(mode="after")
-    def _grid_critic(self) -> ACFlowConfig:
-        if self.times == "grid" and (self.critic_t_samples > 1 or self.critic_states == "rollout"):
-            raise ValueError("times: grid trains the critic on the actor's grid states; critic_t_samples > 1 and "
-                             "critic_states: rollout need times: uniform")
-        return self
 
     @model_validator(mode="after")
     def _centred_convex(self) -> ACFlowConfig:

@@ -315,11 +315,31 @@ def test_grid_times_train_each_sample_at_distinct_grid_times_each_row_its_own_we
     assert math.isfinite(stats["explained_variance"]) and math.isfinite(stats["loss"])
 
 
-def test_grid_times_refuse_the_critics_own_draws():
-    for extra in ("algorithm.ac_flow.critic_t_samples=2", "algorithm.ac_flow.critic_states=rollout"):
-        with pytest.raises(ConfigError, match="times: grid trains the critic on the actor's grid states") as exc:
-            load_config(None, ["algorithm.ac_flow.times=grid", extra])
-        assert "\n" not in str(exc.value)
-    with pytest.raises(ValueError, match="critic_t_samples > 1"):
-        _ac_learner(times="grid", critic_t_samples=2)
+def test_grid_times_with_the_critics_own_draws():
+    """times: grid with critic_t_samples 2: the critic trains on a sample's 3 grid states and its one
+    fresh draw; with critic_states: rollout each row is valued at the recorded state nearest its own
+    time, and the critic trains on a sample's 2 recorded states."""
+    grid = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    ln = _ac_learner(times="grid", critic_t_samples=2)
+    seen = _critic_inputs(ln)
+    b = _grid_batch(ln, grid)
+    ln.update(dataclasses.replace(fake_batch(), states=b.states, times=grid), REWARDS)
+    assert [n for n, _ in seen] == [24, 8 * 4]
+    trained = seen[1][1].reshape(8, 4)
+    assert torch.equal(trained[:, :3], seen[0][1].reshape(8, 3))  # the actor's grid times first
+    assert not set(trained[:, 3].tolist()) & {1.0, 0.75, 0.5, 0.25}  # then a fresh t ~ U(0, 1)
+    ln = _ac_learner(times="grid", critic_states="rollout", critic_t_samples=2)
+    seen = _critic_inputs(ln)
+    prep, _, _ = ln.rule.prepare(ln, b)
+    assert torch.equal(seen[0][1], prep["t"])  # each row valued at its own grid time's recorded state
+    rows = torch.arange(24)
+    k = (grid[None, :] - prep["t"][:, None]).abs().argmin(1)
+    with torch.no_grad():
+        value = ln.rule.critic(b.states[rows // 3, k], grid[k], prep["pooled"])
+    w = torch.exp((prep["target"] - value).clamp(-1.0, 1.0))
+    torch.testing.assert_close(prep["weights"], w / w.mean())
+    assert torch.equal(prep["critic_t"].reshape(8, 3, 2), prep["critic_t"][::3][:, None].expand(8, 3, 2))
+    seen.clear()
+    ln.rule.after_step(ln, prep)
+    assert [n for n, _ in seen] == [16]  # 8 samples × their 2 recorded states, once each
     assert load_config(None, ["algorithm.ac_flow.times=grid"]).learner_settings().ac_flow.times == "grid"

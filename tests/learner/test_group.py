@@ -38,7 +38,8 @@ from tests.helpers import table_encode, tiny_velocity
 
 WORLD = 2
 # ac_flow_trust: AC-Flow with centred weights and its W2 term towards an EMA π_old (anchor: rollout);
-# ac_flow_grid: the same on DiffusionNFT's grid times (2 rows a sample; the ranks' 5 and 4 samples)
+# ac_flow_grid: the same on DiffusionNFT's grid times (2 rows a sample, the ranks' 5 and 4 samples; the
+# critic on those and one fresh draw a sample)
 OBJECTIVES = ["orw_cfm_w2", "ac_flow", "ac_flow_trust", "advantage_flow", "diffusion_nft", "flow_grpo", "awm"]
 CASES = [(o, lora) for o in OBJECTIVES for lora in (False, True)] + [("ac_flow_grid", False)]
 RESUMED = [("ac_flow", True), ("diffusion_nft", False)]  # FSDP checkpoints: a LoRA and a full policy
@@ -64,7 +65,7 @@ def _settings(case: str) -> LearnerSettings:
         s = dataclasses.replace(s, ac_flow=dataclasses.replace(s.ac_flow, centre_weights=True, alpha=1.0,
                                                                anchor="rollout"))
     if case == "ac_flow_grid":
-        s = dataclasses.replace(s, ac_flow=dataclasses.replace(s.ac_flow, times="grid", critic_t_samples=1))
+        s = dataclasses.replace(s, ac_flow=dataclasses.replace(s.ac_flow, times="grid"))
     return s
 
 
