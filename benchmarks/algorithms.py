@@ -73,9 +73,12 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     # the default: centred critic weights, the W2 term towards π_old (an EMA of π_θ, as
     # AdvantageFlow's rollout policy), α = 1 (the least α that keeps centred weights convex), the
-    # actor on ORW weights during the critic's warm-up, so the trade-off is the weights'
-    # temperature τ (the config's own 2 first)
+    # actor on ORW weights during the critic's warm-up, trained on DiffusionNFT's grid times, so
+    # the trade-off is the weights' temperature τ (the config's own 2 first)
     Method("ac_flow", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0), "AC-Flow τ (centred, W2 to π_old)"),
+    # the default before 2026-12-07: one t ~ U(0, 1) a sample (its runs were the default's until then)
+    Method("ac_flow_uniform", "ac_flow", "algorithm.ac_flow.tau", (2.0,), "AC-Flow, t ~ U(0, 1)",
+           ("algorithm.ac_flow.times=uniform",)),
     # AC-Flow's levers (docs/algorithms.md), each at the default's own τ (the frozen warm-up and the
     # centred variant too: they are levers, not methods; until 2026-12-07 they were swept along τ)
     Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
@@ -92,10 +95,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ac_flow_frozen", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, actor frozen in warm-up", ("algorithm.ac_flow.warmup_actor=frozen",)),
     # AC-Flow as the paper states it: the critic's weights w and a fixed W2 tilt of π_ref,
-    # rollouts from π_θ, the actor frozen in warm-up; its trade-off is α
+    # rollouts from π_θ, the actor frozen in warm-up, flow matching's t ~ U(0, 1); its trade-off is α
     Method("ac_flow_tilt", "ac_flow", "algorithm.ac_flow.alpha", (0.5, 0.25, 1.0), "AC-Flow α, W2 to π_ref (paper)",
            ("algorithm.ac_flow.centre_weights=false", "algorithm.ac_flow.anchor=reference",
-            "learner.rollout_update=copy", "algorithm.ac_flow.warmup_actor=frozen")),
+            "learner.rollout_update=copy", "algorithm.ac_flow.warmup_actor=frozen", "algorithm.ac_flow.times=uniform")),
     # centred weights with the W2 term towards π_ref (docs/compose.md: not enough on its own)
     Method("ac_flow_centred", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
            "AC-Flow, centred, W2 to π_ref", ("algorithm.ac_flow.anchor=reference", "learner.rollout_update=copy",
@@ -148,9 +151,10 @@ def run_sets(m: Method, value: float, seed: int, iterations: int | None) -> list
 def settings_digest(path: Path, sets: list[str] | tuple[str, ...] = (), *, run: bool = False) -> str | None:
     """What a run trains with, as a digest: the config at ``path`` with ``sets``, read through today's
     schema (``run``: a run's own config.yaml, whose keys predating it take the values it ran with),
-    without what only names or places the run (run.name, run.out_dir, run.progress) or serves its
-    metrics. A record is trusted only for the settings the bench launches now, so a changed default
-    makes its runs again rather than report them under it. None where today's schema refuses it."""
+    without what only names or places the run (run.name, run.out_dir, run.progress), serves its
+    metrics, or belongs to another objective (the other algorithm sections). A record is trusted
+    only for the settings the bench launches now, so a changed default makes its runs again rather
+    than report them under it. None where today's schema refuses it."""
     from services.config import ConfigError, load_config
 
     try:
@@ -161,6 +165,9 @@ def settings_digest(path: Path, sets: list[str] | tuple[str, ...] = (), *, run: 
     for k in ("name", "out_dir", "progress"):
         c["run"].pop(k, None)
     c.pop("metrics", None)
+    name = c["algorithm"]["name"]
+    own = "orw" if name == "orw_cfm_w2" else name
+    c["algorithm"] = {"name": name, own: c["algorithm"][own]}
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -233,15 +233,15 @@ def test_ac_flow_presets_an_ema_rollout_policy_for_its_pi_old_anchor(tmp_path):
 
 
 def test_a_run_config_written_before_the_pi_old_anchor_loads_as_it_ran(tmp_path):
-    """A run's config.yaml holds every key of its day; one written before centre_weights and
-    anchor existed ran with the paper's AC-Flow, and loads (resume, eval, export) as that run,
-    not with today's defaults, which its α = 0.5 would fail."""
+    """A run's config.yaml holds every key of its day; one written before centre_weights, anchor
+    and times existed ran with the paper's AC-Flow (t ~ U(0, 1)), and loads (resume, eval, export)
+    as that run, not with today's defaults, which its α = 0.5 would fail."""
     import yaml
 
     from services.config import RUN_DEFAULTS_BEFORE, dump_config
 
     paper = ["algorithm.ac_flow.anchor=reference", "algorithm.ac_flow.centre_weights=false",
-             "algorithm.ac_flow.alpha=0.5", "learner.rollout_update=copy"]
+             "algorithm.ac_flow.alpha=0.5", "learner.rollout_update=copy", "algorithm.ac_flow.times=uniform"]
     then = yaml.safe_load(dump_config(load_config(None, paper)))
     for key in RUN_DEFAULTS_BEFORE:
         del then["algorithm"]["ac_flow"][key.rsplit(".", 1)[1]]
