@@ -76,9 +76,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # actor on ORW weights during the critic's warm-up, trained on DiffusionNFT's grid times, so
     # the trade-off is the weights' temperature τ (the config's own 2 first)
     Method("ac_flow", "ac_flow", "algorithm.ac_flow.tau", (2.0, 4.0, 8.0), "AC-Flow τ (centred, W2 to π_old)"),
-    # the default before 2026-12-07: one t ~ U(0, 1) a sample (its runs were the default's until then)
+    # the default before 2026-12-07: one t ~ U(0, 1) a sample (its runs were the default's until
+    # then), at that config's 200 iterations (compose's now 150: the grid's 3 s an iteration)
     Method("ac_flow_uniform", "ac_flow", "algorithm.ac_flow.tau", (2.0,), "AC-Flow, t ~ U(0, 1)",
-           ("algorithm.ac_flow.times=uniform",)),
+           ("algorithm.ac_flow.times=uniform", "run.iterations=200")),
     # AC-Flow's levers (docs/algorithms.md), each at the default's own τ (the frozen warm-up and the
     # centred variant too: they are levers, not methods; until 2026-12-07 they were swept along τ)
     Method("ac_flow_rollout_critic", "ac_flow", "algorithm.ac_flow.tau", (2.0,),
@@ -114,8 +115,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 THRESHOLDS = {"digits": (0.85, 0.90, 0.95), "compose": (0.35, 0.45, 0.55)}  # compose base: 0.285
 # Every method is compared at these rollouts. The compose configs' iterations are sized so a run
-# fits ~10 minutes on the 2-core machine (AWM 100, DiffusionNFT and Flow-GRPO 150, the others
-# 200 iterations of 160 rollouts): the 200-iteration runs are read at their 150-iteration
+# fits ~10 minutes on the 2-core machine (AWM 100, AC-Flow, DiffusionNFT and Flow-GRPO 150, the
+# others 200 iterations of 160 rollouts): the 200-iteration runs are read at their 150-iteration
 # checkpoint, and AWM at its own 16,000 (the table shows each point's rollouts).
 EQUAL_ROLLOUTS = {"digits": 32_000, "compose": 24_000}
 FLAGSHIP = "ac_flow"
