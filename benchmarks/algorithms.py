@@ -181,18 +181,30 @@ def run_settings(run_dir: Path) -> str | None:
     return settings_digest(run_dir / "config.yaml", run=True) if (run_dir / "config.yaml").is_file() else None
 
 
+def set_aside(run_dir: Path, where: str, why: str) -> Path:
+    """Move a run directory the bench cannot use to ``<runs>/<where>/<name>-<n>`` (kept to be looked
+    at, out of the name a new run needs), saying why; the new path."""
+    n = 0
+    while (aside := run_dir.parent / where / f"{run_dir.name}-{n}").exists():
+        n += 1
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(aside)
+    print(f"{run_dir.name}: {why}; moved to {aside}", file=sys.stderr)
+    return aside
+
+
 def launch(bench: str, m: Method, value: float, seed: int, runs: Path, iterations: int | None) -> Path:
     """One `fmrl train` run (reused when its summary is there and it ran with the bench's settings;
-    one made with others is moved to ``runs/stale/``); its directory."""
+    one made with others is moved to ``runs/stale/``, one without a summary to ``runs/failed/``);
+    its directory."""
     name = run_name(bench, m, value, seed)
     run_dir = runs / name
     if (run_dir / "summary.json").is_file():
         if run_settings(run_dir) == expected_settings(bench, m, value, seed, iterations):
             return run_dir
-        aside = runs / "stale" / f"{name}-{run_settings(run_dir)}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.rename(aside)
-        print(f"{name}: ran with other settings than the bench's now; moved to {aside}", file=sys.stderr)
+        set_aside(run_dir, "stale", "ran with other settings than the bench's now")
+    elif run_dir.exists():
+        set_aside(run_dir, "failed", "stopped before its summary (a failed or killed run)")
     sets = [f"run.out_dir={runs}", "run.progress=false", *run_sets(m, value, seed, iterations)]
     cmd = [str(ROOT / ".venv/bin/fmrl"), "train", "--config", str(config_of(bench, m)), "--name", name,
            *[x for s in sets for x in ("--set", s)]]

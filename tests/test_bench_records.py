@@ -106,3 +106,14 @@ def test_a_record_stands_only_for_the_settings_the_bench_launches_now(tmp_path, 
     (results / f"{d.name}.json").write_text(json.dumps(old))
     assert bench.result(d, "compose", results, m.sets, want) == r
     assert json.loads((results / f"{d.name}.json").read_text()) == r
+
+
+def test_a_run_directory_the_bench_cannot_use_is_set_aside_not_lost(tmp_path, capsys):
+    d = _run(tmp_path / "runs", "digits-x-tau2-s0", 200, [200], [0.5] * 200)
+    (d / "summary.json").unlink()  # stopped before its summary
+    first = bench.set_aside(d, "failed", "stopped before its summary")
+    assert first == tmp_path / "runs" / "failed" / "digits-x-tau2-s0-0" and not d.exists()
+    assert (first / "metrics.jsonl").is_file()  # kept whole, to be looked at
+    d = _run(tmp_path / "runs", "digits-x-tau2-s0", 200, [200], [0.5] * 200)
+    assert bench.set_aside(d, "failed", "again").name == "digits-x-tau2-s0-1"  # the first is not overwritten
+    assert "digits-x-tau2-s0: again; moved to" in capsys.readouterr().err
