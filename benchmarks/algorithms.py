@@ -259,15 +259,11 @@ def record(run_dir: Path, bench: str, sets: tuple[str, ...] = ()) -> dict | None
 def result(run_dir: Path, bench: str, results: Path, sets: tuple[str, ...] = (), expected: str | None = None) -> dict | None:
     """A run's record from ``results`` when it is there, made at the bench's budget and with the
     ``expected`` settings (``settings_digest``); else read from its directory (when that is there
-    and ran with them) and saved. A record made before records kept their settings gets them from
-    its directory; without one it is not trusted."""
+    and ran with them) and saved (so a record without its settings is made again from there)."""
     path = results / f"{run_dir.name}.json"
     if path.is_file():
         r = json.loads(path.read_text())
         if r.get("budget") == EQUAL_ROLLOUTS[bench]:
-            if "settings" not in r and (run_dir / "config.yaml").is_file():
-                r = {**r, "settings": run_settings(run_dir)}
-                path.write_text(json.dumps(r) + "\n")
             if r.get("settings") == expected:
                 return r
             print(f"{run_dir.name}: its record was made with other settings than the bench's now "

@@ -38,6 +38,7 @@ from learner.objectives.awm import awm_log_prob, awm_loss
 from learner.objectives.diffusion_nft import (
     diffusion_nft_loss,
     diffusion_nft_released_loss,
+    grid_times_per_sample,
     nft_optimality,
     nft_training_times,
 )
@@ -223,7 +224,7 @@ class ACFlowRule:
         shaped = shape_rewards(norm, self.p.shaping, self.p.shaping_limit)
         if self.p.times == "grid":
             prep = draw_grid_interpolants(ln, b, self.p.timestep_fraction, "ac_flow")
-            self._m = max(1, int((b.times.numel() - 1) * self.p.timestep_fraction))  # type: ignore[union-attr]
+            self._m = grid_times_per_sample(b.times.numel() - 1, self.p.timestep_fraction)  # type: ignore[union-attr]
         else:
             prep = draw_interpolants(ln, b)
         m = self._m

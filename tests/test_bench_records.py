@@ -101,7 +101,7 @@ def test_a_record_stands_only_for_the_settings_the_bench_launches_now(tmp_path, 
     # the bench's settings changed since: neither the record nor the directory stands for the run
     assert bench.result(d, "compose", results, m.sets, "0" * 16) is None
     assert "made with other settings than the bench's now" in capsys.readouterr().err
-    # a record from before records kept their settings gets them from its directory
+    # a record from before records kept their settings is made again from its directory
     old = {k: v for k, v in r.items() if k != "settings"}
     (results / f"{d.name}.json").write_text(json.dumps(old))
     assert bench.result(d, "compose", results, m.sets, want) == r

@@ -180,6 +180,11 @@ def diffusion_nft_released_loss(
     return _with_reference(losses, stats, v_theta, v_ref, ref_weight)
 
 
+def grid_times_per_sample(k: int, fraction: float) -> int:
+    """M = int(K·fraction), at least 1: how many of a K-step grid's times each sample trains on."""
+    return max(1, int(k * fraction))
+
+
 def nft_training_times(grid: torch.Tensor, samples: int, fraction: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """The release's training times: (samples, M) times from the sampling grid [code].
@@ -197,7 +202,7 @@ def nft_training_times(grid: torch.Tensor, samples: int, fraction: float,
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     k = grid.numel() - 1
-    m = max(1, int(k * fraction))
+    m = grid_times_per_sample(k, fraction)
     perms = torch.stack([torch.randperm(k, generator=generator) for _ in range(samples)]) if samples else \
         torch.empty(0, k, dtype=torch.long)
     return grid[:-1].cpu()[perms[:, :m]]
