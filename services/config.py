@@ -299,7 +299,9 @@ class ACFlowConfig(_Strict):
     centre_weights: bool = Field(True, description="[ours] Subtract the batch mean from the critic weights (w − 1): "
                                  "flat weights then give no gradient, so the actor does not drift towards its own "
                                  "samples where the critic sees no difference (docs/compose.md); needs alpha ≥ 1 so "
-                                 "every sample's loss (w − 1)·FM + α·W2 stays convex. false: the paper's weights w.")
+                                 "every sample's loss (w − 1)·FM + α·W2 stays convex (at alpha = 1 a row whose weight is near 0 is only "
+                                 "linear in v_θ; with sharp weights, a large tau, raise alpha: docs/algorithms.md). "
+                                 "false: the paper's weights w.")
     anchor: Literal["reference", "rollout"] = Field(
         "rollout", description="The policy the W2 term α‖v_θ − v‖² holds the actor to: [ours] the rollout policy "
         "π_old (a moving trust region, as AdvantageFlow's γ term; AC-Flow presets learner.rollout_update: ema, "
