@@ -23,6 +23,10 @@ SETTINGS = {
     "orw_cfm_w2": {"rollout_refresh_every": 3},
     # the critic warm-up ends at step 3, after the checkpoint at step 2
     "ac_flow": {"ac_flow": ACFlowParams(warmup_steps=3, warmup_actor="orw", tracker=TRACKER)},
+    # the config's default (make run's): grid times, centred weights, the W2 term to an EMA π_old
+    "ac_flow-grid": {"rollout_update": "ema", "ac_flow": ACFlowParams(
+        warmup_steps=3, warmup_actor="orw", times="grid", centre_weights=True, anchor="rollout", alpha=1.0,
+        tracker=TRACKER)},
     "advantage_flow": {"rollout_update": "ema", "rollout_refresh_every": 3,
                        "advantage_flow": dataclasses.replace(LearnerSettings().advantage_flow, tracker=TRACKER)},
     "diffusion_nft": {"rollout_update": "ema",
@@ -31,10 +35,10 @@ SETTINGS = {
 }
 
 
-def _learner(objective: str) -> Learner:
-    # lr warm-up of 3 steps: the checkpoint falls inside the LambdaLR ramp
-    settings = dataclasses.replace(LearnerSettings(), objective=objective, lr=1e-2, warmup_steps=3, seed=3,
-                                   **SETTINGS[objective])
+def _learner(case: str) -> Learner:
+    # lr warm-up of 3 steps: the checkpoint falls inside the LambdaLR ramp; a case names its objective
+    settings = dataclasses.replace(LearnerSettings(), objective=case.split("-")[0], lr=1e-2, warmup_steps=3, seed=3,
+                                   **SETTINGS[case])
     return Learner(tiny_velocity(), table_encode, settings)
 
 
